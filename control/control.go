@@ -1,0 +1,94 @@
+// Package control holds the control plane's domain types and sentinel errors.
+// It does no I/O; the store, the PKI authority, the enrollment service and the
+// API handlers all speak in these types.
+package control
+
+import (
+	"errors"
+	"time"
+)
+
+// NodeStatus is where a node stands in its life. Removed is terminal.
+type NodeStatus string
+
+// The node states. See docs/ARCHITECTURE.md for the transitions.
+const (
+	StatusEnrolled     NodeStatus = "enrolled"     // holds a certificate, never connected
+	StatusOnline       NodeStatus = "online"       // heartbeating
+	StatusDisconnected NodeStatus = "disconnected" // session lost, inside the grace window
+	StatusOffline      NodeStatus = "offline"      // offline threshold passed
+	StatusUnknown      NodeStatus = "unknown"      // control plane restarted, not heard from yet
+	StatusRemoved      NodeStatus = "removed"      // revoked by an operator; terminal
+)
+
+// Node is one enrolled GPU machine.
+type Node struct {
+	ID     string
+	Name   string
+	Status NodeStatus
+	Labels map[string]string
+	// TokenID is the join token the node enrolled with.
+	TokenID string
+	// CertSerial is the serial (lowercase hex) of the node's current certificate.
+	CertSerial string
+	// NextCertSerial is the serial of a renewed certificate the node has not
+	// used yet; empty when there is none. Its first use makes it current.
+	NextCertSerial string
+	CertNotAfter   time.Time
+	EnrolledAt     time.Time
+	// LastSeen is the zero time when the node was never seen.
+	LastSeen time.Time
+	Draining bool
+	// RemovedAt is the zero time unless Status is StatusRemoved.
+	RemovedAt time.Time
+}
+
+// JoinToken is the stored half of a join token: never the secret, only its hash.
+type JoinToken struct {
+	ID     string
+	Name   string
+	Labels map[string]string
+	// SecretHash is SHA-256 of the token's secret part.
+	SecretHash []byte
+	CreatedAt  time.Time
+	ExpiresAt  time.Time
+	MaxUses    int
+	Uses       int
+	// RevokedAt is the zero time unless the token was revoked.
+	RevokedAt time.Time
+}
+
+// Event is one recorded fact about the fleet.
+type Event struct {
+	ID     int64
+	Time   time.Time
+	NodeID string // empty for events about no node (e.g. a token revoked)
+	Kind   string
+	Reason string
+}
+
+// Event kinds.
+const (
+	EventTokenCreated = "token_created"
+	EventTokenRevoked = "token_revoked"
+	EventEnrolled     = "enrolled"
+	EventRenewed      = "certificate_renewed"
+	EventRemoved      = "removed"
+)
+
+// Sentinel errors. Callers test them with errors.Is.
+var (
+	ErrNotFound = errors.New("not found")
+
+	ErrTokenUnknown = errors.New("join token is unknown or its secret does not match")
+	ErrTokenUsed    = errors.New("join token has already been used")
+	ErrTokenExpired = errors.New("join token has expired")
+	ErrTokenRevoked = errors.New("join token has been revoked")
+
+	ErrNodeRemoved      = errors.New("node has been removed and its certificate revoked")
+	ErrNotCurrentCert   = errors.New("certificate is not the node's current certificate")
+	ErrInvalidArgument  = errors.New("invalid argument")
+	ErrSchemaTooNew     = errors.New("database schema is newer than this binary")
+	ErrPermissionDenied = errors.New("permission denied")
+	ErrUnauthenticated  = errors.New("unauthenticated")
+)
