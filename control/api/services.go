@@ -1,0 +1,212 @@
+package api
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"log/slog"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/llorch/llorch/certs"
+	"github.com/llorch/llorch/control/authz"
+	"github.com/llorch/llorch/control/enroll"
+	"github.com/llorch/llorch/internal/clock"
+	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
+)
+
+// Config wires the handlers.
+type Config struct {
+	Enroll      *enroll.Service
+	Store       Store
+	Roots       []*x509.Certificate
+	TrustDomain string
+	Fingerprint string
+	// ControlURL is returned to enrolling edges; empty: they keep the URL they used.
+	ControlURL string
+	Version    string
+	Clock      clock.Clock  // nil: the wall clock
+	Logger     *slog.Logger // nil: discard
+}
+
+// Server implements every llorch.v1 service.
+type Server struct {
+	cfg Config
+	log *slog.Logger
+	clk clock.Clock
+}
+
+// New returns the handlers.
+func New(cfg Config) *Server {
+	s := &Server{cfg: cfg, log: cfg.Logger, clk: cfg.Clock}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	if s.clk == nil {
+		s.clk = clock.Real{}
+	}
+	return s
+}
+
+func (s *Server) fail(ctx context.Context, err error) error { return errorToConnect(ctx, s.log, err) }
+
+// GetInfo is public.
+func (s *Server) GetInfo(context.Context, *connect.Request[llorchv1.GetInfoRequest]) (*connect.Response[llorchv1.GetInfoResponse], error) {
+	return connect.NewResponse(&llorchv1.GetInfoResponse{
+		Version:       s.cfg.Version,
+		TrustDomain:   s.cfg.TrustDomain,
+		CaFingerprint: s.cfg.Fingerprint,
+	}), nil
+}
+
+// Enroll is public: the join token is the credential.
+func (s *Server) Enroll(ctx context.Context, req *connect.Request[llorchv1.EnrollRequest]) (*connect.Response[llorchv1.EnrollResponse], error) {
+	e, err := s.cfg.Enroll.Enroll(ctx, req.Msg.GetToken(), req.Msg.GetCsr(), req.Msg.GetHostname())
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	return connect.NewResponse(&llorchv1.EnrollResponse{
+		NodeId:           e.Node.ID,
+		NodeName:         e.Node.Name,
+		SpiffeId:         certs.NodeSPIFFEID(s.cfg.TrustDomain, e.Node.ID),
+		CertificateChain: certs.DER(e.Chain),
+		CaCertificates:   rootsDER(s.cfg.Roots),
+		ControlUrl:       s.cfg.ControlURL,
+		Labels:           e.Node.Labels,
+	}), nil
+}
+
+func (s *Server) nodeCaller(ctx context.Context) (authz.Caller, error) {
+	c, ok := authz.CallerFrom(ctx)
+	if !ok || c.Policy != authz.Node || c.NodeID == "" {
+		return authz.Caller{}, connect.NewError(connect.CodeUnauthenticated, errors.New("not a node"))
+	}
+	return c, nil
+}
+
+// WhoAmI tells a node who it is; it acts only on the calling node.
+func (s *Server) WhoAmI(ctx context.Context, _ *connect.Request[llorchv1.WhoAmIRequest]) (*connect.Response[llorchv1.WhoAmIResponse], error) {
+	c, err := s.nodeCaller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	n, err := s.cfg.Store.GetNode(ctx, c.NodeID)
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	return connect.NewResponse(&llorchv1.WhoAmIResponse{
+		Node:       nodeToProto(n, s.cfg.TrustDomain),
+		ServerTime: timestamppb.New(s.clk.Now()),
+	}), nil
+}
+
+// RenewCertificate signs a fresh key for the calling node.
+func (s *Server) RenewCertificate(ctx context.Context, req *connect.Request[llorchv1.RenewCertificateRequest]) (*connect.Response[llorchv1.RenewCertificateResponse], error) {
+	c, err := s.nodeCaller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	chain, err := s.cfg.Enroll.Renew(ctx, c.NodeID, c.CertSerial, req.Msg.GetCsr())
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	return connect.NewResponse(&llorchv1.RenewCertificateResponse{
+		CertificateChain: certs.DER(chain),
+		CaCertificates:   rootsDER(s.cfg.Roots),
+	}), nil
+}
+
+// CreateJoinToken makes a join token.
+func (s *Server) CreateJoinToken(ctx context.Context, req *connect.Request[llorchv1.CreateJoinTokenRequest]) (*connect.Response[llorchv1.CreateJoinTokenResponse], error) {
+	t, token, err := s.cfg.Enroll.CreateToken(ctx, enroll.TokenOptions{
+		Name:    req.Msg.GetName(),
+		TTL:     duration(req.Msg.GetTtl()),
+		Labels:  req.Msg.GetLabels(),
+		MaxUses: int(req.Msg.GetMaxUses()),
+	})
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	return connect.NewResponse(&llorchv1.CreateJoinTokenResponse{JoinToken: tokenToProto(t), Token: token}), nil
+}
+
+// ListJoinTokens lists tokens, never their secrets.
+func (s *Server) ListJoinTokens(ctx context.Context, _ *connect.Request[llorchv1.ListJoinTokensRequest]) (*connect.Response[llorchv1.ListJoinTokensResponse], error) {
+	ts, err := s.cfg.Store.ListTokens(ctx)
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	out := &llorchv1.ListJoinTokensResponse{}
+	for _, t := range ts {
+		out.JoinTokens = append(out.JoinTokens, tokenToProto(t))
+	}
+	return connect.NewResponse(out), nil
+}
+
+// RevokeJoinToken revokes a token.
+func (s *Server) RevokeJoinToken(ctx context.Context, req *connect.Request[llorchv1.RevokeJoinTokenRequest]) (*connect.Response[llorchv1.RevokeJoinTokenResponse], error) {
+	if !certs.ValidTokenID(req.Msg.GetId()) {
+		return nil, s.fail(ctx, errInvalid("token ID %q is malformed (12 characters a-z2-7, as `control token list` shows)", req.Msg.GetId()))
+	}
+	if err := s.cfg.Store.RevokeToken(ctx, req.Msg.GetId(), s.clk.Now()); err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	s.log.InfoContext(ctx, "join token revoked", "token_id", req.Msg.GetId())
+	return connect.NewResponse(&llorchv1.RevokeJoinTokenResponse{}), nil
+}
+
+// ListNodes lists every node, removed ones included.
+func (s *Server) ListNodes(ctx context.Context, _ *connect.Request[llorchv1.ListNodesRequest]) (*connect.Response[llorchv1.ListNodesResponse], error) {
+	ns, err := s.cfg.Store.ListNodes(ctx)
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	out := &llorchv1.ListNodesResponse{}
+	for _, n := range ns {
+		out.Nodes = append(out.Nodes, nodeToProto(n, s.cfg.TrustDomain))
+	}
+	return connect.NewResponse(out), nil
+}
+
+// GetNode returns one node.
+func (s *Server) GetNode(ctx context.Context, req *connect.Request[llorchv1.GetNodeRequest]) (*connect.Response[llorchv1.GetNodeResponse], error) {
+	n, err := s.cfg.Store.GetNode(ctx, req.Msg.GetId())
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	return connect.NewResponse(&llorchv1.GetNodeResponse{Node: nodeToProto(n, s.cfg.TrustDomain)}), nil
+}
+
+// RemoveNode revokes a node.
+func (s *Server) RemoveNode(ctx context.Context, req *connect.Request[llorchv1.RemoveNodeRequest]) (*connect.Response[llorchv1.RemoveNodeResponse], error) {
+	reason := req.Msg.GetReason()
+	if reason == "" {
+		reason = "removed by operator"
+	}
+	n, err := s.cfg.Store.RemoveNode(ctx, req.Msg.GetId(), reason, s.clk.Now())
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	s.log.InfoContext(ctx, "node removed", "node_id", n.ID, "serial", n.CertSerial, "reason", reason)
+	return connect.NewResponse(&llorchv1.RemoveNodeResponse{Node: nodeToProto(n, s.cfg.TrustDomain)}), nil
+}
+
+// ListEvents lists recorded events, newest first.
+func (s *Server) ListEvents(ctx context.Context, req *connect.Request[llorchv1.ListEventsRequest]) (*connect.Response[llorchv1.ListEventsResponse], error) {
+	limit := int(req.Msg.GetLimit())
+	if limit < 0 || limit > 10000 {
+		return nil, s.fail(ctx, errInvalid("limit %d: must be between 0 and 10000", limit))
+	}
+	es, err := s.cfg.Store.ListEvents(ctx, req.Msg.GetNodeId(), limit)
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	out := &llorchv1.ListEventsResponse{}
+	for _, e := range es {
+		out.Events = append(out.Events, &llorchv1.Event{
+			Id: e.ID, Time: timestamp(e.Time), NodeId: e.NodeID, Kind: e.Kind, Reason: e.Reason,
+		})
+	}
+	return connect.NewResponse(out), nil
+}
