@@ -1,0 +1,113 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"path/filepath"
+	"time"
+
+	"github.com/llorch/llorch/certs"
+	"github.com/llorch/llorch/internal/clock"
+)
+
+// Defaults.
+const (
+	DefaultListen           = "127.0.0.1:8443"
+	DefaultTrustDomain      = "llorch.local"
+	DefaultNodeCertLifetime = 24 * time.Hour
+)
+
+// Config configures the control plane.
+type Config struct {
+	// DataDir holds llorch.db, the CA under ca/, and the admin socket.
+	DataDir string
+	// Listen is the public TLS port's address.
+	Listen string
+	// SANs are the server certificate's names and IPs; empty: loopback names.
+	SANs        []string
+	TrustDomain string
+	// NodeCertLifetime is how long node certificates last; 0: 24h.
+	NodeCertLifetime time.Duration
+	// AdvertiseURL is the URL edges are told to use; empty: https://<Listen>
+	// when Listen names a host, else the URL the edge enrolled with.
+	AdvertiseURL string
+	// APIToken is the admin bearer token; empty: admin only over the socket.
+	APIToken string
+	// CORSOrigins are the browser origins allowed to call the API; empty: none.
+	CORSOrigins []string
+	Version     string
+	Clock       clock.Clock  // nil: the wall clock
+	Logger      *slog.Logger // nil: discard
+}
+
+// DefaultConfig returns a Config with every default filled in except DataDir.
+func DefaultConfig() Config {
+	return Config{
+		Listen:           DefaultListen,
+		TrustDomain:      DefaultTrustDomain,
+		NodeCertLifetime: DefaultNodeCertLifetime,
+	}
+}
+
+// SocketPath is where the admin socket of a data directory lives.
+func SocketPath(dataDir string) string { return filepath.Join(dataDir, "control.sock") }
+
+// Validate checks the configuration and names the bad field.
+func (c Config) Validate() error {
+	if c.DataDir == "" {
+		return errors.New("data directory is required (--data or LLORCH_DATA)")
+	}
+	host, _, err := net.SplitHostPort(c.Listen)
+	if err != nil {
+		return fmt.Errorf("listen address %q: %w", c.Listen, err)
+	}
+	if !isLoopback(host) && c.APIToken == "" {
+		return fmt.Errorf("listen address %q is not loopback: set LLORCH_API_TOKEN so API clients must authenticate, or listen on 127.0.0.1", c.Listen)
+	}
+	if !certs.ValidTrustDomain(c.TrustDomain) {
+		return fmt.Errorf("trust domain %q: use lowercase letters, digits, '.', '-' and '_'", c.TrustDomain)
+	}
+	if c.NodeCertLifetime != 0 && (c.NodeCertLifetime < 5*time.Minute || c.NodeCertLifetime > 30*24*time.Hour) {
+		return fmt.Errorf("node certificate lifetime %s: must be between 5m and 720h", c.NodeCertLifetime)
+	}
+	if c.APIToken != "" && len(c.APIToken) < 16 {
+		return errors.New("LLORCH_API_TOKEN is too short: use at least 16 random characters (e.g. openssl rand -hex 32)")
+	}
+	if c.AdvertiseURL != "" {
+		u, err := url.Parse(c.AdvertiseURL)
+		if err != nil || u.Scheme != "https" || u.Host == "" {
+			return fmt.Errorf("advertise URL %q: must be https://host[:port]", c.AdvertiseURL)
+		}
+	}
+	for _, o := range c.CORSOrigins {
+		u, err := url.Parse(o)
+		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" || u.Path != "" {
+			return fmt.Errorf("CORS origin %q: must be scheme://host[:port], e.g. https://console.example.com", o)
+		}
+	}
+	return nil
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// advertiseURL is the URL edges are told to dial.
+func (c Config) advertiseURL(bound net.Addr) string {
+	if c.AdvertiseURL != "" {
+		return c.AdvertiseURL
+	}
+	host, _, _ := net.SplitHostPort(c.Listen)
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		return ""
+	}
+	_, port, _ := net.SplitHostPort(bound.String())
+	return "https://" + net.JoinHostPort(host, port)
+}

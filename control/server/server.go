@@ -1,0 +1,298 @@
+// Package server wires the control plane together: the store, the CA, the
+// enrollment service, authorization and the API handlers, on one TLS port and
+// the local admin socket. It is the only package that imports all of them.
+package server
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"connectrpc.com/connect"
+	connectcors "connectrpc.com/cors"
+	"connectrpc.com/grpchealth"
+	"connectrpc.com/grpcreflect"
+	"github.com/rs/cors"
+	"golang.org/x/net/http2"
+
+	"github.com/llorch/llorch/certs"
+	"github.com/llorch/llorch/control/api"
+	"github.com/llorch/llorch/control/authz"
+	"github.com/llorch/llorch/control/enroll"
+	"github.com/llorch/llorch/control/pki"
+	"github.com/llorch/llorch/control/store"
+	"github.com/llorch/llorch/internal/clock"
+	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
+)
+
+// MaxMessageBytes bounds every request message.
+const MaxMessageBytes = 1 << 20
+
+// Server is a running control plane.
+type Server struct {
+	cfg       Config
+	log       *slog.Logger
+	lock      *os.File
+	store     *store.Store
+	ca        *pki.Authority
+	public    net.Listener
+	local     net.Listener
+	publicSrv *http.Server
+	localSrv  *http.Server
+}
+
+// New opens the data directory (creating the store and the CA on first
+// start) and binds the public port and the admin socket. Run serves them.
+func New(ctx context.Context, cfg Config) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = clock.Real{}
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.NodeCertLifetime == 0 {
+		cfg.NodeCertLifetime = DefaultNodeCertLifetime
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger}
+	if err := s.open(ctx); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Server) open(ctx context.Context) (err error) {
+	cfg := s.cfg
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("data directory: %w", err)
+	}
+	if s.lock, err = lockDataDir(cfg.DataDir); err != nil {
+		return err
+	}
+	if s.store, err = store.Open(ctx, filepath.Join(cfg.DataDir, "llorch.db")); err != nil {
+		return err
+	}
+	s.ca, err = pki.Open(ctx, pki.Config{
+		Dir:              filepath.Join(cfg.DataDir, "ca"),
+		TrustDomain:      cfg.TrustDomain,
+		SANs:             cfg.SANs,
+		NodeCertLifetime: cfg.NodeCertLifetime,
+		Clock:            cfg.Clock,
+		Logger:           cfg.Logger.With("component", "pki"),
+	})
+	if err != nil {
+		return err
+	}
+	if s.public, err = net.Listen("tcp", cfg.Listen); err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	if s.local, err = listenSocket(SocketPath(cfg.DataDir)); err != nil {
+		return err
+	}
+	handler := s.handler()
+	roots := x509.NewCertPool()
+	roots.AddCert(s.ca.Root())
+	s.publicSrv = &http.Server{
+		Handler:           authz.Middleware(handler, false),
+		TLSConfig:         certs.ServerTLSConfig(s.ca.GetCertificate, roots),
+		ReadHeaderTimeout: 10 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelDebug),
+	}
+	if err := http2.ConfigureServer(s.publicSrv, &http2.Server{
+		MaxConcurrentStreams: 250,
+		IdleTimeout:          5 * time.Minute,
+	}); err != nil {
+		return fmt.Errorf("configure HTTP/2: %w", err)
+	}
+	s.localSrv = &http.Server{
+		Handler:           authz.Middleware(handler, true),
+		ReadHeaderTimeout: 10 * time.Second,
+		Protocols:         unencryptedProtocols(),
+	}
+	return nil
+}
+
+func unencryptedProtocols() *http.Protocols {
+	var p http.Protocols
+	p.SetHTTP1(true)
+	p.SetUnencryptedHTTP2(true)
+	return &p
+}
+
+func (s *Server) handler() http.Handler {
+	cfg := s.cfg
+	enrollSvc := enroll.New(enroll.Config{Store: s.store, Signer: s.ca, Clock: cfg.Clock, Logger: cfg.Logger.With("component", "enroll")})
+	handlers := api.New(api.Config{
+		Enroll:      enrollSvc,
+		Store:       s.store,
+		Roots:       []*x509.Certificate{s.ca.Root()},
+		TrustDomain: s.ca.TrustDomain(),
+		Fingerprint: s.ca.Fingerprint(),
+		ControlURL:  cfg.advertiseURL(s.public.Addr()),
+		Version:     cfg.Version,
+		Clock:       cfg.Clock,
+		Logger:      cfg.Logger.With("component", "api"),
+	})
+	interceptor := authz.NewInterceptor(authz.Config{
+		Policies:    Policies(),
+		TrustDomain: s.ca.TrustDomain(),
+		Nodes:       s.store,
+		APIToken:    cfg.APIToken,
+		Clock:       cfg.Clock,
+		Logger:      cfg.Logger.With("component", "authz"),
+	})
+	opts := []connect.HandlerOption{
+		connect.WithInterceptors(interceptor),
+		connect.WithReadMaxBytes(MaxMessageBytes),
+		connect.WithSendMaxBytes(4 * MaxMessageBytes),
+	}
+	mux := http.NewServeMux()
+	mux.Handle(llorchv1connect.NewEnrollServiceHandler(handlers, opts...))
+	mux.Handle(llorchv1connect.NewNodeServiceHandler(handlers, opts...))
+	mux.Handle(llorchv1connect.NewAdminServiceHandler(handlers, opts...))
+	mux.Handle(llorchv1connect.NewInfoServiceHandler(handlers, opts...))
+	services := []string{
+		llorchv1connect.EnrollServiceName,
+		llorchv1connect.NodeServiceName,
+		llorchv1connect.AdminServiceName,
+		llorchv1connect.InfoServiceName,
+	}
+	mux.Handle(grpchealth.NewHandler(grpchealth.NewStaticChecker(services...)))
+	reflector := grpcreflect.NewStaticReflector(services...)
+	mux.Handle(grpcreflect.NewHandlerV1(reflector))
+	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector))
+	if len(cfg.CORSOrigins) == 0 {
+		return mux
+	}
+	return cors.New(cors.Options{
+		AllowedOrigins: cfg.CORSOrigins,
+		AllowedMethods: connectcors.AllowedMethods(),
+		AllowedHeaders: append(connectcors.AllowedHeaders(), "Authorization"),
+		ExposedHeaders: append(connectcors.ExposedHeaders(), authz.ReasonHeader),
+		MaxAge:         7200,
+	}).Handler(mux)
+}
+
+// Policies says who may call each procedure. A procedure not listed is refused.
+func Policies() map[string]authz.Policy {
+	return map[string]authz.Policy{
+		llorchv1connect.EnrollServiceEnrollProcedure:         authz.Public,
+		llorchv1connect.InfoServiceGetInfoProcedure:          authz.Public,
+		llorchv1connect.NodeServiceWhoAmIProcedure:           authz.Node,
+		llorchv1connect.NodeServiceRenewCertificateProcedure: authz.Node,
+		llorchv1connect.AdminServiceCreateJoinTokenProcedure: authz.Admin,
+		llorchv1connect.AdminServiceListJoinTokensProcedure:  authz.Admin,
+		llorchv1connect.AdminServiceRevokeJoinTokenProcedure: authz.Admin,
+		llorchv1connect.AdminServiceListNodesProcedure:       authz.Admin,
+		llorchv1connect.AdminServiceGetNodeProcedure:         authz.Admin,
+		llorchv1connect.AdminServiceRemoveNodeProcedure:      authz.Admin,
+		llorchv1connect.AdminServiceListEventsProcedure:      authz.Admin,
+	}
+}
+
+// Addr is the public port's bound address.
+func (s *Server) Addr() net.Addr { return s.public.Addr() }
+
+// URL is https://<bound address>.
+func (s *Server) URL() string { return "https://" + s.public.Addr().String() }
+
+// Fingerprint is the CA fingerprint.
+func (s *Server) Fingerprint() string { return s.ca.Fingerprint() }
+
+// CACreated reports whether this start created the CA.
+func (s *Server) CACreated() bool { return s.ca.Created() }
+
+// Root is the CA's root certificate.
+func (s *Server) Root() *x509.Certificate { return s.ca.Root() }
+
+// Store is the server's store, for tests and tools in the same process.
+func (s *Server) Store() *store.Store { return s.store }
+
+// Run serves until ctx ends, then shuts down gracefully.
+func (s *Server) Run(ctx context.Context) error {
+	errc := make(chan error, 2)
+	go func() { errc <- s.publicSrv.ServeTLS(s.public, "", "") }()
+	go func() { errc <- s.localSrv.Serve(s.local) }()
+	s.log.Info("control plane serving", "listen", s.public.Addr().String(), "socket", SocketPath(s.cfg.DataDir), "ca_fingerprint", s.ca.Fingerprint(), "trust_domain", s.ca.TrustDomain())
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+		err = fmt.Errorf("serve: %w", err)
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s.publicSrv.Shutdown(shutdownCtx)
+	s.localSrv.Shutdown(shutdownCtx)
+	return err
+}
+
+// Close releases everything New opened. Run's shutdown does not close the store; Close does.
+func (s *Server) Close() error {
+	var errs []error
+	if s.public != nil {
+		s.public.Close()
+	}
+	if s.local != nil {
+		s.local.Close()
+		os.Remove(SocketPath(s.cfg.DataDir))
+	}
+	if s.ca != nil {
+		errs = append(errs, s.ca.Close())
+	}
+	if s.store != nil {
+		errs = append(errs, s.store.Close())
+	}
+	if s.lock != nil {
+		errs = append(errs, s.lock.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// lockDataDir takes an exclusive lock so two control planes never share a
+// data directory. The lock dies with the process, kill -9 included.
+func lockDataDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "control.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock data directory: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("data directory %s is in use by another control plane", dir)
+		}
+		return nil, fmt.Errorf("lock data directory: %w", err)
+	}
+	return f, nil
+}
+
+// listenSocket binds the admin socket, mode 0600. A socket file left by a
+// crashed process is replaced (the data directory lock is already held).
+func listenSocket(path string) (net.Listener, error) {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	old := syscall.Umask(0o177)
+	l, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	return l, nil
+}
