@@ -1,0 +1,60 @@
+package cli
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/llorch/llorch/control/server"
+	"github.com/llorch/llorch/internal/logging"
+	"github.com/llorch/llorch/internal/version"
+)
+
+func newServeCmd() *cobra.Command {
+	cfg := server.DefaultConfig()
+	var logFormat, logLevel string
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the control plane",
+		Long: `Run the control plane on one TLS 1.3 port (Connect, gRPC and gRPC-web) and an
+admin socket in the data directory. The first start creates the database and a
+private CA in the data directory and prints the CA fingerprint that join tokens pin.
+
+A non-loopback --listen needs LLORCH_API_TOKEN, so that API clients authenticate.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			logger, err := logging.New(cmd.ErrOrStderr(), logFormat, logLevel)
+			if err != nil {
+				return err
+			}
+			cfg.Logger = logger
+			cfg.APIToken = os.Getenv("LLORCH_API_TOKEN")
+			cfg.Version = version.Version
+			srv, err := server.New(cmd.Context(), cfg)
+			if err != nil {
+				return err
+			}
+			defer srv.Close()
+			out := cmd.OutOrStdout()
+			if srv.CACreated() {
+				fmt.Fprintf(out, "created a new CA in %s\n", cfg.DataDir)
+			}
+			fmt.Fprintf(out, "llorch control plane %s listening on %s\n", version.Version, srv.URL())
+			fmt.Fprintf(out, "CA fingerprint: %s\n", srv.Fingerprint())
+			fmt.Fprintf(out, "admin socket:   %s\n", server.SocketPath(cfg.DataDir))
+			return srv.Run(cmd.Context())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.DataDir, "data", envOr("LLORCH_DATA", defaultDataDir()), "data directory: database, CA and admin socket [LLORCH_DATA]")
+	f.StringVar(&cfg.Listen, "listen", envOr("LLORCH_LISTEN", server.DefaultListen), "address of the TLS port [LLORCH_LISTEN]")
+	f.StringArrayVar(&cfg.SANs, "san", nil, "DNS name or IP the server certificate is valid for (repeatable; default: localhost, 127.0.0.1, ::1)")
+	f.StringVar(&cfg.TrustDomain, "trust-domain", server.DefaultTrustDomain, "SPIFFE trust domain of node identities (fixed when the CA is created)")
+	f.DurationVar(&cfg.NodeCertLifetime, "node-cert-lifetime", server.DefaultNodeCertLifetime, "lifetime of node certificates (5m to 720h)")
+	f.StringVar(&cfg.AdvertiseURL, "advertise-url", os.Getenv("LLORCH_ADVERTISE_URL"), "URL edges are told to dial (default: https://<listen>) [LLORCH_ADVERTISE_URL]")
+	f.StringArrayVar(&cfg.CORSOrigins, "cors-origin", nil, "browser origin allowed to call the API (repeatable; default: none)")
+	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	return cmd
+}
