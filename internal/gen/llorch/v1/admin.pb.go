@@ -22,6 +22,288 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type DrainNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainNodeRequest) Reset() {
+	*x = DrainNodeRequest{}
+	mi := &file_llorch_v1_admin_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainNodeRequest) ProtoMessage() {}
+
+func (x *DrainNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_admin_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainNodeRequest.ProtoReflect.Descriptor instead.
+func (*DrainNodeRequest) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *DrainNodeRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *DrainNodeRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type DrainNodeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainNodeResponse) Reset() {
+	*x = DrainNodeResponse{}
+	mi := &file_llorch_v1_admin_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainNodeResponse) ProtoMessage() {}
+
+func (x *DrainNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_admin_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainNodeResponse.ProtoReflect.Descriptor instead.
+func (*DrainNodeResponse) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *DrainNodeResponse) GetNode() *Node {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
+type UndrainNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UndrainNodeRequest) Reset() {
+	*x = UndrainNodeRequest{}
+	mi := &file_llorch_v1_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UndrainNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UndrainNodeRequest) ProtoMessage() {}
+
+func (x *UndrainNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UndrainNodeRequest.ProtoReflect.Descriptor instead.
+func (*UndrainNodeRequest) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *UndrainNodeRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type UndrainNodeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UndrainNodeResponse) Reset() {
+	*x = UndrainNodeResponse{}
+	mi := &file_llorch_v1_admin_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UndrainNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UndrainNodeResponse) ProtoMessage() {}
+
+func (x *UndrainNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_admin_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UndrainNodeResponse.ProtoReflect.Descriptor instead.
+func (*UndrainNodeResponse) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *UndrainNodeResponse) GetNode() *Node {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
+type WatchEventsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Empty: every node.
+	NodeId string `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	// How many recorded events to send first (oldest first); zero: none.
+	Backlog       int32 `protobuf:"varint,2,opt,name=backlog,proto3" json:"backlog,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchEventsRequest) Reset() {
+	*x = WatchEventsRequest{}
+	mi := &file_llorch_v1_admin_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchEventsRequest) ProtoMessage() {}
+
+func (x *WatchEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_admin_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchEventsRequest.ProtoReflect.Descriptor instead.
+func (*WatchEventsRequest) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *WatchEventsRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *WatchEventsRequest) GetBacklog() int32 {
+	if x != nil {
+		return x.Backlog
+	}
+	return 0
+}
+
+type WatchEventsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Event         *Event                 `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchEventsResponse) Reset() {
+	*x = WatchEventsResponse{}
+	mi := &file_llorch_v1_admin_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchEventsResponse) ProtoMessage() {}
+
+func (x *WatchEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_admin_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchEventsResponse.ProtoReflect.Descriptor instead.
+func (*WatchEventsResponse) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *WatchEventsResponse) GetEvent() *Event {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
 type CreateJoinTokenRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The name the enrolled node gets. Empty: the control plane picks one.
@@ -37,7 +319,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[0]
+	mi := &file_llorch_v1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -49,7 +331,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[0]
+	mi := &file_llorch_v1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -62,7 +344,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{0}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CreateJoinTokenRequest) GetName() string {
@@ -104,7 +386,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[1]
+	mi := &file_llorch_v1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -116,7 +398,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[1]
+	mi := &file_llorch_v1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -129,7 +411,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{1}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CreateJoinTokenResponse) GetJoinToken() *JoinToken {
@@ -154,7 +436,7 @@ type ListJoinTokensRequest struct {
 
 func (x *ListJoinTokensRequest) Reset() {
 	*x = ListJoinTokensRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[2]
+	mi := &file_llorch_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -166,7 +448,7 @@ func (x *ListJoinTokensRequest) String() string {
 func (*ListJoinTokensRequest) ProtoMessage() {}
 
 func (x *ListJoinTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[2]
+	mi := &file_llorch_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -179,7 +461,7 @@ func (x *ListJoinTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJoinTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListJoinTokensRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{2}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 type ListJoinTokensResponse struct {
@@ -191,7 +473,7 @@ type ListJoinTokensResponse struct {
 
 func (x *ListJoinTokensResponse) Reset() {
 	*x = ListJoinTokensResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[3]
+	mi := &file_llorch_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -203,7 +485,7 @@ func (x *ListJoinTokensResponse) String() string {
 func (*ListJoinTokensResponse) ProtoMessage() {}
 
 func (x *ListJoinTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[3]
+	mi := &file_llorch_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -216,7 +498,7 @@ func (x *ListJoinTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJoinTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListJoinTokensResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{3}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ListJoinTokensResponse) GetJoinTokens() []*JoinToken {
@@ -235,7 +517,7 @@ type RevokeJoinTokenRequest struct {
 
 func (x *RevokeJoinTokenRequest) Reset() {
 	*x = RevokeJoinTokenRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[4]
+	mi := &file_llorch_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -247,7 +529,7 @@ func (x *RevokeJoinTokenRequest) String() string {
 func (*RevokeJoinTokenRequest) ProtoMessage() {}
 
 func (x *RevokeJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[4]
+	mi := &file_llorch_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -260,7 +542,7 @@ func (x *RevokeJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{4}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RevokeJoinTokenRequest) GetId() string {
@@ -278,7 +560,7 @@ type RevokeJoinTokenResponse struct {
 
 func (x *RevokeJoinTokenResponse) Reset() {
 	*x = RevokeJoinTokenResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[5]
+	mi := &file_llorch_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -290,7 +572,7 @@ func (x *RevokeJoinTokenResponse) String() string {
 func (*RevokeJoinTokenResponse) ProtoMessage() {}
 
 func (x *RevokeJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[5]
+	mi := &file_llorch_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -303,7 +585,7 @@ func (x *RevokeJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 type ListNodesRequest struct {
@@ -314,7 +596,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[6]
+	mi := &file_llorch_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -326,7 +608,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[6]
+	mi := &file_llorch_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -339,7 +621,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 type ListNodesResponse struct {
@@ -351,7 +633,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[7]
+	mi := &file_llorch_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -363,7 +645,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[7]
+	mi := &file_llorch_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -376,7 +658,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -395,7 +677,7 @@ type GetNodeRequest struct {
 
 func (x *GetNodeRequest) Reset() {
 	*x = GetNodeRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[8]
+	mi := &file_llorch_v1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -407,7 +689,7 @@ func (x *GetNodeRequest) String() string {
 func (*GetNodeRequest) ProtoMessage() {}
 
 func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[8]
+	mi := &file_llorch_v1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -420,7 +702,7 @@ func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeRequest.ProtoReflect.Descriptor instead.
 func (*GetNodeRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetNodeRequest) GetId() string {
@@ -439,7 +721,7 @@ type GetNodeResponse struct {
 
 func (x *GetNodeResponse) Reset() {
 	*x = GetNodeResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[9]
+	mi := &file_llorch_v1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -451,7 +733,7 @@ func (x *GetNodeResponse) String() string {
 func (*GetNodeResponse) ProtoMessage() {}
 
 func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[9]
+	mi := &file_llorch_v1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -464,7 +746,7 @@ func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeResponse.ProtoReflect.Descriptor instead.
 func (*GetNodeResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetNodeResponse) GetNode() *Node {
@@ -484,7 +766,7 @@ type RemoveNodeRequest struct {
 
 func (x *RemoveNodeRequest) Reset() {
 	*x = RemoveNodeRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[10]
+	mi := &file_llorch_v1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -496,7 +778,7 @@ func (x *RemoveNodeRequest) String() string {
 func (*RemoveNodeRequest) ProtoMessage() {}
 
 func (x *RemoveNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[10]
+	mi := &file_llorch_v1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -509,7 +791,7 @@ func (x *RemoveNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNodeRequest.ProtoReflect.Descriptor instead.
 func (*RemoveNodeRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RemoveNodeRequest) GetId() string {
@@ -535,7 +817,7 @@ type RemoveNodeResponse struct {
 
 func (x *RemoveNodeResponse) Reset() {
 	*x = RemoveNodeResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[11]
+	mi := &file_llorch_v1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -547,7 +829,7 @@ func (x *RemoveNodeResponse) String() string {
 func (*RemoveNodeResponse) ProtoMessage() {}
 
 func (x *RemoveNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[11]
+	mi := &file_llorch_v1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -560,7 +842,7 @@ func (x *RemoveNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNodeResponse.ProtoReflect.Descriptor instead.
 func (*RemoveNodeResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RemoveNodeResponse) GetNode() *Node {
@@ -582,7 +864,7 @@ type ListEventsRequest struct {
 
 func (x *ListEventsRequest) Reset() {
 	*x = ListEventsRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[12]
+	mi := &file_llorch_v1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -594,7 +876,7 @@ func (x *ListEventsRequest) String() string {
 func (*ListEventsRequest) ProtoMessage() {}
 
 func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[12]
+	mi := &file_llorch_v1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -607,7 +889,7 @@ func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListEventsRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListEventsRequest) GetNodeId() string {
@@ -633,7 +915,7 @@ type ListEventsResponse struct {
 
 func (x *ListEventsResponse) Reset() {
 	*x = ListEventsResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[13]
+	mi := &file_llorch_v1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -645,7 +927,7 @@ func (x *ListEventsResponse) String() string {
 func (*ListEventsResponse) ProtoMessage() {}
 
 func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[13]
+	mi := &file_llorch_v1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -658,7 +940,7 @@ func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListEventsResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{13}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListEventsResponse) GetEvents() []*Event {
@@ -672,7 +954,21 @@ var File_llorch_v1_admin_proto protoreflect.FileDescriptor
 
 const file_llorch_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x15llorch/v1/admin.proto\x12\tllorch.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15llorch/v1/types.proto\"\xf6\x01\n" +
+	"\x15llorch/v1/admin.proto\x12\tllorch.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15llorch/v1/types.proto\":\n" +
+	"\x10DrainNodeRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"8\n" +
+	"\x11DrainNodeResponse\x12#\n" +
+	"\x04node\x18\x01 \x01(\v2\x0f.llorch.v1.NodeR\x04node\"$\n" +
+	"\x12UndrainNodeRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\":\n" +
+	"\x13UndrainNodeResponse\x12#\n" +
+	"\x04node\x18\x01 \x01(\v2\x0f.llorch.v1.NodeR\x04node\"G\n" +
+	"\x12WatchEventsRequest\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
+	"\abacklog\x18\x02 \x01(\x05R\abacklog\"=\n" +
+	"\x13WatchEventsResponse\x12&\n" +
+	"\x05event\x18\x01 \x01(\v2\x10.llorch.v1.EventR\x05event\"\xf6\x01\n" +
 	"\x16CreateJoinTokenRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12+\n" +
 	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12E\n" +
@@ -708,7 +1004,7 @@ const file_llorch_v1_admin_proto_rawDesc = "" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
 	"\x05limit\x18\x02 \x01(\x05R\x05limit\">\n" +
 	"\x12ListEventsResponse\x12(\n" +
-	"\x06events\x18\x01 \x03(\v2\x10.llorch.v1.EventR\x06events2\xb9\x04\n" +
+	"\x06events\x18\x01 \x03(\v2\x10.llorch.v1.EventR\x06events2\x9f\x06\n" +
 	"\fAdminService\x12X\n" +
 	"\x0fCreateJoinToken\x12!.llorch.v1.CreateJoinTokenRequest\x1a\".llorch.v1.CreateJoinTokenResponse\x12U\n" +
 	"\x0eListJoinTokens\x12 .llorch.v1.ListJoinTokensRequest\x1a!.llorch.v1.ListJoinTokensResponse\x12X\n" +
@@ -718,7 +1014,10 @@ const file_llorch_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"RemoveNode\x12\x1c.llorch.v1.RemoveNodeRequest\x1a\x1d.llorch.v1.RemoveNodeResponse\x12I\n" +
 	"\n" +
-	"ListEvents\x12\x1c.llorch.v1.ListEventsRequest\x1a\x1d.llorch.v1.ListEventsResponseB\x9a\x01\n" +
+	"ListEvents\x12\x1c.llorch.v1.ListEventsRequest\x1a\x1d.llorch.v1.ListEventsResponse\x12F\n" +
+	"\tDrainNode\x12\x1b.llorch.v1.DrainNodeRequest\x1a\x1c.llorch.v1.DrainNodeResponse\x12L\n" +
+	"\vUndrainNode\x12\x1d.llorch.v1.UndrainNodeRequest\x1a\x1e.llorch.v1.UndrainNodeResponse\x12N\n" +
+	"\vWatchEvents\x12\x1d.llorch.v1.WatchEventsRequest\x1a\x1e.llorch.v1.WatchEventsResponse0\x01B\x9a\x01\n" +
 	"\rcom.llorch.v1B\n" +
 	"AdminProtoP\x01Z8github.com/llorch/llorch/internal/gen/llorch/v1;llorchv1\xa2\x02\x03LXX\xaa\x02\tLlorch.V1\xca\x02\tLlorch\\V1\xe2\x02\x15Llorch\\V1\\GPBMetadata\xea\x02\n" +
 	"Llorch::V1b\x06proto3"
@@ -735,56 +1034,71 @@ func file_llorch_v1_admin_proto_rawDescGZIP() []byte {
 	return file_llorch_v1_admin_proto_rawDescData
 }
 
-var file_llorch_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_llorch_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_llorch_v1_admin_proto_goTypes = []any{
-	(*CreateJoinTokenRequest)(nil),  // 0: llorch.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil), // 1: llorch.v1.CreateJoinTokenResponse
-	(*ListJoinTokensRequest)(nil),   // 2: llorch.v1.ListJoinTokensRequest
-	(*ListJoinTokensResponse)(nil),  // 3: llorch.v1.ListJoinTokensResponse
-	(*RevokeJoinTokenRequest)(nil),  // 4: llorch.v1.RevokeJoinTokenRequest
-	(*RevokeJoinTokenResponse)(nil), // 5: llorch.v1.RevokeJoinTokenResponse
-	(*ListNodesRequest)(nil),        // 6: llorch.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),       // 7: llorch.v1.ListNodesResponse
-	(*GetNodeRequest)(nil),          // 8: llorch.v1.GetNodeRequest
-	(*GetNodeResponse)(nil),         // 9: llorch.v1.GetNodeResponse
-	(*RemoveNodeRequest)(nil),       // 10: llorch.v1.RemoveNodeRequest
-	(*RemoveNodeResponse)(nil),      // 11: llorch.v1.RemoveNodeResponse
-	(*ListEventsRequest)(nil),       // 12: llorch.v1.ListEventsRequest
-	(*ListEventsResponse)(nil),      // 13: llorch.v1.ListEventsResponse
-	nil,                             // 14: llorch.v1.CreateJoinTokenRequest.LabelsEntry
-	(*durationpb.Duration)(nil),     // 15: google.protobuf.Duration
-	(*JoinToken)(nil),               // 16: llorch.v1.JoinToken
-	(*Node)(nil),                    // 17: llorch.v1.Node
-	(*Event)(nil),                   // 18: llorch.v1.Event
+	(*DrainNodeRequest)(nil),        // 0: llorch.v1.DrainNodeRequest
+	(*DrainNodeResponse)(nil),       // 1: llorch.v1.DrainNodeResponse
+	(*UndrainNodeRequest)(nil),      // 2: llorch.v1.UndrainNodeRequest
+	(*UndrainNodeResponse)(nil),     // 3: llorch.v1.UndrainNodeResponse
+	(*WatchEventsRequest)(nil),      // 4: llorch.v1.WatchEventsRequest
+	(*WatchEventsResponse)(nil),     // 5: llorch.v1.WatchEventsResponse
+	(*CreateJoinTokenRequest)(nil),  // 6: llorch.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil), // 7: llorch.v1.CreateJoinTokenResponse
+	(*ListJoinTokensRequest)(nil),   // 8: llorch.v1.ListJoinTokensRequest
+	(*ListJoinTokensResponse)(nil),  // 9: llorch.v1.ListJoinTokensResponse
+	(*RevokeJoinTokenRequest)(nil),  // 10: llorch.v1.RevokeJoinTokenRequest
+	(*RevokeJoinTokenResponse)(nil), // 11: llorch.v1.RevokeJoinTokenResponse
+	(*ListNodesRequest)(nil),        // 12: llorch.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),       // 13: llorch.v1.ListNodesResponse
+	(*GetNodeRequest)(nil),          // 14: llorch.v1.GetNodeRequest
+	(*GetNodeResponse)(nil),         // 15: llorch.v1.GetNodeResponse
+	(*RemoveNodeRequest)(nil),       // 16: llorch.v1.RemoveNodeRequest
+	(*RemoveNodeResponse)(nil),      // 17: llorch.v1.RemoveNodeResponse
+	(*ListEventsRequest)(nil),       // 18: llorch.v1.ListEventsRequest
+	(*ListEventsResponse)(nil),      // 19: llorch.v1.ListEventsResponse
+	nil,                             // 20: llorch.v1.CreateJoinTokenRequest.LabelsEntry
+	(*Node)(nil),                    // 21: llorch.v1.Node
+	(*Event)(nil),                   // 22: llorch.v1.Event
+	(*durationpb.Duration)(nil),     // 23: google.protobuf.Duration
+	(*JoinToken)(nil),               // 24: llorch.v1.JoinToken
 }
 var file_llorch_v1_admin_proto_depIdxs = []int32{
-	15, // 0: llorch.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
-	14, // 1: llorch.v1.CreateJoinTokenRequest.labels:type_name -> llorch.v1.CreateJoinTokenRequest.LabelsEntry
-	16, // 2: llorch.v1.CreateJoinTokenResponse.join_token:type_name -> llorch.v1.JoinToken
-	16, // 3: llorch.v1.ListJoinTokensResponse.join_tokens:type_name -> llorch.v1.JoinToken
-	17, // 4: llorch.v1.ListNodesResponse.nodes:type_name -> llorch.v1.Node
-	17, // 5: llorch.v1.GetNodeResponse.node:type_name -> llorch.v1.Node
-	17, // 6: llorch.v1.RemoveNodeResponse.node:type_name -> llorch.v1.Node
-	18, // 7: llorch.v1.ListEventsResponse.events:type_name -> llorch.v1.Event
-	0,  // 8: llorch.v1.AdminService.CreateJoinToken:input_type -> llorch.v1.CreateJoinTokenRequest
-	2,  // 9: llorch.v1.AdminService.ListJoinTokens:input_type -> llorch.v1.ListJoinTokensRequest
-	4,  // 10: llorch.v1.AdminService.RevokeJoinToken:input_type -> llorch.v1.RevokeJoinTokenRequest
-	6,  // 11: llorch.v1.AdminService.ListNodes:input_type -> llorch.v1.ListNodesRequest
-	8,  // 12: llorch.v1.AdminService.GetNode:input_type -> llorch.v1.GetNodeRequest
-	10, // 13: llorch.v1.AdminService.RemoveNode:input_type -> llorch.v1.RemoveNodeRequest
-	12, // 14: llorch.v1.AdminService.ListEvents:input_type -> llorch.v1.ListEventsRequest
-	1,  // 15: llorch.v1.AdminService.CreateJoinToken:output_type -> llorch.v1.CreateJoinTokenResponse
-	3,  // 16: llorch.v1.AdminService.ListJoinTokens:output_type -> llorch.v1.ListJoinTokensResponse
-	5,  // 17: llorch.v1.AdminService.RevokeJoinToken:output_type -> llorch.v1.RevokeJoinTokenResponse
-	7,  // 18: llorch.v1.AdminService.ListNodes:output_type -> llorch.v1.ListNodesResponse
-	9,  // 19: llorch.v1.AdminService.GetNode:output_type -> llorch.v1.GetNodeResponse
-	11, // 20: llorch.v1.AdminService.RemoveNode:output_type -> llorch.v1.RemoveNodeResponse
-	13, // 21: llorch.v1.AdminService.ListEvents:output_type -> llorch.v1.ListEventsResponse
-	15, // [15:22] is the sub-list for method output_type
-	8,  // [8:15] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	21, // 0: llorch.v1.DrainNodeResponse.node:type_name -> llorch.v1.Node
+	21, // 1: llorch.v1.UndrainNodeResponse.node:type_name -> llorch.v1.Node
+	22, // 2: llorch.v1.WatchEventsResponse.event:type_name -> llorch.v1.Event
+	23, // 3: llorch.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
+	20, // 4: llorch.v1.CreateJoinTokenRequest.labels:type_name -> llorch.v1.CreateJoinTokenRequest.LabelsEntry
+	24, // 5: llorch.v1.CreateJoinTokenResponse.join_token:type_name -> llorch.v1.JoinToken
+	24, // 6: llorch.v1.ListJoinTokensResponse.join_tokens:type_name -> llorch.v1.JoinToken
+	21, // 7: llorch.v1.ListNodesResponse.nodes:type_name -> llorch.v1.Node
+	21, // 8: llorch.v1.GetNodeResponse.node:type_name -> llorch.v1.Node
+	21, // 9: llorch.v1.RemoveNodeResponse.node:type_name -> llorch.v1.Node
+	22, // 10: llorch.v1.ListEventsResponse.events:type_name -> llorch.v1.Event
+	6,  // 11: llorch.v1.AdminService.CreateJoinToken:input_type -> llorch.v1.CreateJoinTokenRequest
+	8,  // 12: llorch.v1.AdminService.ListJoinTokens:input_type -> llorch.v1.ListJoinTokensRequest
+	10, // 13: llorch.v1.AdminService.RevokeJoinToken:input_type -> llorch.v1.RevokeJoinTokenRequest
+	12, // 14: llorch.v1.AdminService.ListNodes:input_type -> llorch.v1.ListNodesRequest
+	14, // 15: llorch.v1.AdminService.GetNode:input_type -> llorch.v1.GetNodeRequest
+	16, // 16: llorch.v1.AdminService.RemoveNode:input_type -> llorch.v1.RemoveNodeRequest
+	18, // 17: llorch.v1.AdminService.ListEvents:input_type -> llorch.v1.ListEventsRequest
+	0,  // 18: llorch.v1.AdminService.DrainNode:input_type -> llorch.v1.DrainNodeRequest
+	2,  // 19: llorch.v1.AdminService.UndrainNode:input_type -> llorch.v1.UndrainNodeRequest
+	4,  // 20: llorch.v1.AdminService.WatchEvents:input_type -> llorch.v1.WatchEventsRequest
+	7,  // 21: llorch.v1.AdminService.CreateJoinToken:output_type -> llorch.v1.CreateJoinTokenResponse
+	9,  // 22: llorch.v1.AdminService.ListJoinTokens:output_type -> llorch.v1.ListJoinTokensResponse
+	11, // 23: llorch.v1.AdminService.RevokeJoinToken:output_type -> llorch.v1.RevokeJoinTokenResponse
+	13, // 24: llorch.v1.AdminService.ListNodes:output_type -> llorch.v1.ListNodesResponse
+	15, // 25: llorch.v1.AdminService.GetNode:output_type -> llorch.v1.GetNodeResponse
+	17, // 26: llorch.v1.AdminService.RemoveNode:output_type -> llorch.v1.RemoveNodeResponse
+	19, // 27: llorch.v1.AdminService.ListEvents:output_type -> llorch.v1.ListEventsResponse
+	1,  // 28: llorch.v1.AdminService.DrainNode:output_type -> llorch.v1.DrainNodeResponse
+	3,  // 29: llorch.v1.AdminService.UndrainNode:output_type -> llorch.v1.UndrainNodeResponse
+	5,  // 30: llorch.v1.AdminService.WatchEvents:output_type -> llorch.v1.WatchEventsResponse
+	21, // [21:31] is the sub-list for method output_type
+	11, // [11:21] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_llorch_v1_admin_proto_init() }
@@ -799,7 +1113,7 @@ func file_llorch_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_llorch_v1_admin_proto_rawDesc), len(file_llorch_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -103,7 +103,15 @@ type Node struct {
 	LastSeen            *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=last_seen,json=lastSeen,proto3" json:"last_seen,omitempty"`
 	Draining            bool                   `protobuf:"varint,10,opt,name=draining,proto3" json:"draining,omitempty"`
 	// The join token the node enrolled with (its ID, never its secret).
-	TokenId       string `protobuf:"bytes,11,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
+	TokenId string `protobuf:"bytes,11,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
+	// What the edge reported when it registered.
+	System       *NodeSystem   `protobuf:"bytes,12,opt,name=system,proto3" json:"system,omitempty"`
+	GpuInventory *GpuInventory `protobuf:"bytes,13,opt,name=gpu_inventory,json=gpuInventory,proto3" json:"gpu_inventory,omitempty"`
+	Pools        []*Pool       `protobuf:"bytes,14,rep,name=pools,proto3" json:"pools,omitempty"`
+	// Handoff files the edge could not read; its other pools are unaffected.
+	HandoffErrors []*HandoffError `protobuf:"bytes,15,rep,name=handoff_errors,json=handoffErrors,proto3" json:"handoff_errors,omitempty"`
+	// Why the node last changed status (e.g. "shutdown", "no heartbeat for 30s").
+	StatusReason  string `protobuf:"bytes,16,opt,name=status_reason,json=statusReason,proto3" json:"status_reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -215,6 +223,536 @@ func (x *Node) GetTokenId() string {
 	return ""
 }
 
+func (x *Node) GetSystem() *NodeSystem {
+	if x != nil {
+		return x.System
+	}
+	return nil
+}
+
+func (x *Node) GetGpuInventory() *GpuInventory {
+	if x != nil {
+		return x.GpuInventory
+	}
+	return nil
+}
+
+func (x *Node) GetPools() []*Pool {
+	if x != nil {
+		return x.Pools
+	}
+	return nil
+}
+
+func (x *Node) GetHandoffErrors() []*HandoffError {
+	if x != nil {
+		return x.HandoffErrors
+	}
+	return nil
+}
+
+func (x *Node) GetStatusReason() string {
+	if x != nil {
+		return x.StatusReason
+	}
+	return ""
+}
+
+// NodeSystem describes the machine an edge runs on.
+type NodeSystem struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Hostname      string                 `protobuf:"bytes,1,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	Os            string                 `protobuf:"bytes,2,opt,name=os,proto3" json:"os,omitempty"`
+	Arch          string                 `protobuf:"bytes,3,opt,name=arch,proto3" json:"arch,omitempty"`
+	AgentVersion  string                 `protobuf:"bytes,4,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeSystem) Reset() {
+	*x = NodeSystem{}
+	mi := &file_llorch_v1_types_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeSystem) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeSystem) ProtoMessage() {}
+
+func (x *NodeSystem) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_types_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeSystem.ProtoReflect.Descriptor instead.
+func (*NodeSystem) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_types_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *NodeSystem) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+func (x *NodeSystem) GetOs() string {
+	if x != nil {
+		return x.Os
+	}
+	return ""
+}
+
+func (x *NodeSystem) GetArch() string {
+	if x != nil {
+		return x.Arch
+	}
+	return ""
+}
+
+func (x *NodeSystem) GetAgentVersion() string {
+	if x != nil {
+		return x.AgentVersion
+	}
+	return ""
+}
+
+// GpuInventory is a node's GPUs as NVML reports them.
+type GpuInventory struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Gpus          []*Gpu                 `protobuf:"bytes,1,rep,name=gpus,proto3" json:"gpus,omitempty"`
+	DriverVersion string                 `protobuf:"bytes,2,opt,name=driver_version,json=driverVersion,proto3" json:"driver_version,omitempty"`
+	CudaVersion   string                 `protobuf:"bytes,3,opt,name=cuda_version,json=cudaVersion,proto3" json:"cuda_version,omitempty"`
+	// Why there are no GPUs when NVML cannot be used; empty when it works.
+	Unavailable   string `protobuf:"bytes,4,opt,name=unavailable,proto3" json:"unavailable,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GpuInventory) Reset() {
+	*x = GpuInventory{}
+	mi := &file_llorch_v1_types_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GpuInventory) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GpuInventory) ProtoMessage() {}
+
+func (x *GpuInventory) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_types_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GpuInventory.ProtoReflect.Descriptor instead.
+func (*GpuInventory) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_types_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *GpuInventory) GetGpus() []*Gpu {
+	if x != nil {
+		return x.Gpus
+	}
+	return nil
+}
+
+func (x *GpuInventory) GetDriverVersion() string {
+	if x != nil {
+		return x.DriverVersion
+	}
+	return ""
+}
+
+func (x *GpuInventory) GetCudaVersion() string {
+	if x != nil {
+		return x.CudaVersion
+	}
+	return ""
+}
+
+func (x *GpuInventory) GetUnavailable() string {
+	if x != nil {
+		return x.Unavailable
+	}
+	return ""
+}
+
+// Gpu is one GPU.
+type Gpu struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	Index              int32                  `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Uuid               string                 `protobuf:"bytes,2,opt,name=uuid,proto3" json:"uuid,omitempty"`
+	Name               string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	MemoryTotalBytes   uint64                 `protobuf:"varint,4,opt,name=memory_total_bytes,json=memoryTotalBytes,proto3" json:"memory_total_bytes,omitempty"`
+	MemoryUsedBytes    uint64                 `protobuf:"varint,5,opt,name=memory_used_bytes,json=memoryUsedBytes,proto3" json:"memory_used_bytes,omitempty"`
+	UtilizationPercent uint32                 `protobuf:"varint,6,opt,name=utilization_percent,json=utilizationPercent,proto3" json:"utilization_percent,omitempty"`
+	TemperatureC       uint32                 `protobuf:"varint,7,opt,name=temperature_c,json=temperatureC,proto3" json:"temperature_c,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *Gpu) Reset() {
+	*x = Gpu{}
+	mi := &file_llorch_v1_types_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Gpu) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Gpu) ProtoMessage() {}
+
+func (x *Gpu) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_types_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Gpu.ProtoReflect.Descriptor instead.
+func (*Gpu) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_types_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Gpu) GetIndex() int32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *Gpu) GetUuid() string {
+	if x != nil {
+		return x.Uuid
+	}
+	return ""
+}
+
+func (x *Gpu) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Gpu) GetMemoryTotalBytes() uint64 {
+	if x != nil {
+		return x.MemoryTotalBytes
+	}
+	return 0
+}
+
+func (x *Gpu) GetMemoryUsedBytes() uint64 {
+	if x != nil {
+		return x.MemoryUsedBytes
+	}
+	return 0
+}
+
+func (x *Gpu) GetUtilizationPercent() uint32 {
+	if x != nil {
+		return x.UtilizationPercent
+	}
+	return 0
+}
+
+func (x *Gpu) GetTemperatureC() uint32 {
+	if x != nil {
+		return x.TemperatureC
+	}
+	return 0
+}
+
+// Pool is a group of engine replicas serving one model, from handoff files.
+type Pool struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Engine        string                 `protobuf:"bytes,2,opt,name=engine,proto3" json:"engine,omitempty"`
+	EngineVersion string                 `protobuf:"bytes,3,opt,name=engine_version,json=engineVersion,proto3" json:"engine_version,omitempty"`
+	Model         string                 `protobuf:"bytes,4,opt,name=model,proto3" json:"model,omitempty"`
+	SlotsTotal    int32                  `protobuf:"varint,5,opt,name=slots_total,json=slotsTotal,proto3" json:"slots_total,omitempty"`
+	SlotsFree     int32                  `protobuf:"varint,6,opt,name=slots_free,json=slotsFree,proto3" json:"slots_free,omitempty"`
+	Ready         bool                   `protobuf:"varint,7,opt,name=ready,proto3" json:"ready,omitempty"`
+	Draining      bool                   `protobuf:"varint,8,opt,name=draining,proto3" json:"draining,omitempty"`
+	Replicas      []*Replica             `protobuf:"bytes,9,rep,name=replicas,proto3" json:"replicas,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Pool) Reset() {
+	*x = Pool{}
+	mi := &file_llorch_v1_types_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Pool) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Pool) ProtoMessage() {}
+
+func (x *Pool) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_types_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Pool.ProtoReflect.Descriptor instead.
+func (*Pool) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_types_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *Pool) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Pool) GetEngine() string {
+	if x != nil {
+		return x.Engine
+	}
+	return ""
+}
+
+func (x *Pool) GetEngineVersion() string {
+	if x != nil {
+		return x.EngineVersion
+	}
+	return ""
+}
+
+func (x *Pool) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *Pool) GetSlotsTotal() int32 {
+	if x != nil {
+		return x.SlotsTotal
+	}
+	return 0
+}
+
+func (x *Pool) GetSlotsFree() int32 {
+	if x != nil {
+		return x.SlotsFree
+	}
+	return 0
+}
+
+func (x *Pool) GetReady() bool {
+	if x != nil {
+		return x.Ready
+	}
+	return false
+}
+
+func (x *Pool) GetDraining() bool {
+	if x != nil {
+		return x.Draining
+	}
+	return false
+}
+
+func (x *Pool) GetReplicas() []*Replica {
+	if x != nil {
+		return x.Replicas
+	}
+	return nil
+}
+
+// Replica is one engine process of a pool.
+type Replica struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Url           string                 `protobuf:"bytes,2,opt,name=url,proto3" json:"url,omitempty"`
+	Ready         bool                   `protobuf:"varint,3,opt,name=ready,proto3" json:"ready,omitempty"`
+	ProbeError    string                 `protobuf:"bytes,4,opt,name=probe_error,json=probeError,proto3" json:"probe_error,omitempty"`
+	DeviceMask    string                 `protobuf:"bytes,5,opt,name=device_mask,json=deviceMask,proto3" json:"device_mask,omitempty"`
+	Slots         int32                  `protobuf:"varint,6,opt,name=slots,proto3" json:"slots,omitempty"`
+	Pid           int32                  `protobuf:"varint,7,opt,name=pid,proto3" json:"pid,omitempty"`
+	File          string                 `protobuf:"bytes,8,opt,name=file,proto3" json:"file,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Replica) Reset() {
+	*x = Replica{}
+	mi := &file_llorch_v1_types_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Replica) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Replica) ProtoMessage() {}
+
+func (x *Replica) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_types_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Replica.ProtoReflect.Descriptor instead.
+func (*Replica) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_types_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Replica) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Replica) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *Replica) GetReady() bool {
+	if x != nil {
+		return x.Ready
+	}
+	return false
+}
+
+func (x *Replica) GetProbeError() string {
+	if x != nil {
+		return x.ProbeError
+	}
+	return ""
+}
+
+func (x *Replica) GetDeviceMask() string {
+	if x != nil {
+		return x.DeviceMask
+	}
+	return ""
+}
+
+func (x *Replica) GetSlots() int32 {
+	if x != nil {
+		return x.Slots
+	}
+	return 0
+}
+
+func (x *Replica) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *Replica) GetFile() string {
+	if x != nil {
+		return x.File
+	}
+	return ""
+}
+
+// HandoffError is a handoff file the edge could not use.
+type HandoffError struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	File          string                 `protobuf:"bytes,1,opt,name=file,proto3" json:"file,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HandoffError) Reset() {
+	*x = HandoffError{}
+	mi := &file_llorch_v1_types_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HandoffError) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HandoffError) ProtoMessage() {}
+
+func (x *HandoffError) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_types_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HandoffError.ProtoReflect.Descriptor instead.
+func (*HandoffError) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_types_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *HandoffError) GetFile() string {
+	if x != nil {
+		return x.File
+	}
+	return ""
+}
+
+func (x *HandoffError) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 // JoinToken describes a join token. The secret is never part of it.
 type JoinToken struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -232,7 +770,7 @@ type JoinToken struct {
 
 func (x *JoinToken) Reset() {
 	*x = JoinToken{}
-	mi := &file_llorch_v1_types_proto_msgTypes[1]
+	mi := &file_llorch_v1_types_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -244,7 +782,7 @@ func (x *JoinToken) String() string {
 func (*JoinToken) ProtoMessage() {}
 
 func (x *JoinToken) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_types_proto_msgTypes[1]
+	mi := &file_llorch_v1_types_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -257,7 +795,7 @@ func (x *JoinToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinToken.ProtoReflect.Descriptor instead.
 func (*JoinToken) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_types_proto_rawDescGZIP(), []int{1}
+	return file_llorch_v1_types_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *JoinToken) GetId() string {
@@ -330,7 +868,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_llorch_v1_types_proto_msgTypes[2]
+	mi := &file_llorch_v1_types_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -342,7 +880,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_types_proto_msgTypes[2]
+	mi := &file_llorch_v1_types_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -355,7 +893,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_types_proto_rawDescGZIP(), []int{2}
+	return file_llorch_v1_types_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Event) GetId() int64 {
@@ -397,7 +935,7 @@ var File_llorch_v1_types_proto protoreflect.FileDescriptor
 
 const file_llorch_v1_types_proto_rawDesc = "" +
 	"\n" +
-	"\x15llorch/v1/types.proto\x12\tllorch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x04\n" +
+	"\x15llorch/v1/types.proto\x12\tllorch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x06\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12-\n" +
@@ -411,10 +949,60 @@ const file_llorch_v1_types_proto_rawDesc = "" +
 	"\tlast_seen\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\blastSeen\x12\x1a\n" +
 	"\bdraining\x18\n" +
 	" \x01(\bR\bdraining\x12\x19\n" +
-	"\btoken_id\x18\v \x01(\tR\atokenId\x1a9\n" +
+	"\btoken_id\x18\v \x01(\tR\atokenId\x12-\n" +
+	"\x06system\x18\f \x01(\v2\x15.llorch.v1.NodeSystemR\x06system\x12<\n" +
+	"\rgpu_inventory\x18\r \x01(\v2\x17.llorch.v1.GpuInventoryR\fgpuInventory\x12%\n" +
+	"\x05pools\x18\x0e \x03(\v2\x0f.llorch.v1.PoolR\x05pools\x12>\n" +
+	"\x0ehandoff_errors\x18\x0f \x03(\v2\x17.llorch.v1.HandoffErrorR\rhandoffErrors\x12#\n" +
+	"\rstatus_reason\x18\x10 \x01(\tR\fstatusReason\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xe3\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"q\n" +
+	"\n" +
+	"NodeSystem\x12\x1a\n" +
+	"\bhostname\x18\x01 \x01(\tR\bhostname\x12\x0e\n" +
+	"\x02os\x18\x02 \x01(\tR\x02os\x12\x12\n" +
+	"\x04arch\x18\x03 \x01(\tR\x04arch\x12#\n" +
+	"\ragent_version\x18\x04 \x01(\tR\fagentVersion\"\x9e\x01\n" +
+	"\fGpuInventory\x12\"\n" +
+	"\x04gpus\x18\x01 \x03(\v2\x0e.llorch.v1.GpuR\x04gpus\x12%\n" +
+	"\x0edriver_version\x18\x02 \x01(\tR\rdriverVersion\x12!\n" +
+	"\fcuda_version\x18\x03 \x01(\tR\vcudaVersion\x12 \n" +
+	"\vunavailable\x18\x04 \x01(\tR\vunavailable\"\xf3\x01\n" +
+	"\x03Gpu\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x12\n" +
+	"\x04uuid\x18\x02 \x01(\tR\x04uuid\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12,\n" +
+	"\x12memory_total_bytes\x18\x04 \x01(\x04R\x10memoryTotalBytes\x12*\n" +
+	"\x11memory_used_bytes\x18\x05 \x01(\x04R\x0fmemoryUsedBytes\x12/\n" +
+	"\x13utilization_percent\x18\x06 \x01(\rR\x12utilizationPercent\x12#\n" +
+	"\rtemperature_c\x18\a \x01(\rR\ftemperatureC\"\x8d\x02\n" +
+	"\x04Pool\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06engine\x18\x02 \x01(\tR\x06engine\x12%\n" +
+	"\x0eengine_version\x18\x03 \x01(\tR\rengineVersion\x12\x14\n" +
+	"\x05model\x18\x04 \x01(\tR\x05model\x12\x1f\n" +
+	"\vslots_total\x18\x05 \x01(\x05R\n" +
+	"slotsTotal\x12\x1d\n" +
+	"\n" +
+	"slots_free\x18\x06 \x01(\x05R\tslotsFree\x12\x14\n" +
+	"\x05ready\x18\a \x01(\bR\x05ready\x12\x1a\n" +
+	"\bdraining\x18\b \x01(\bR\bdraining\x12.\n" +
+	"\breplicas\x18\t \x03(\v2\x12.llorch.v1.ReplicaR\breplicas\"\xbf\x01\n" +
+	"\aReplica\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
+	"\x03url\x18\x02 \x01(\tR\x03url\x12\x14\n" +
+	"\x05ready\x18\x03 \x01(\bR\x05ready\x12\x1f\n" +
+	"\vprobe_error\x18\x04 \x01(\tR\n" +
+	"probeError\x12\x1f\n" +
+	"\vdevice_mask\x18\x05 \x01(\tR\n" +
+	"deviceMask\x12\x14\n" +
+	"\x05slots\x18\x06 \x01(\x05R\x05slots\x12\x10\n" +
+	"\x03pid\x18\a \x01(\x05R\x03pid\x12\x12\n" +
+	"\x04file\x18\b \x01(\tR\x04file\":\n" +
+	"\fHandoffError\x12\x12\n" +
+	"\x04file\x18\x01 \x01(\tR\x04file\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\xe3\x02\n" +
 	"\tJoinToken\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x128\n" +
@@ -461,31 +1049,43 @@ func file_llorch_v1_types_proto_rawDescGZIP() []byte {
 }
 
 var file_llorch_v1_types_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_llorch_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_llorch_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_llorch_v1_types_proto_goTypes = []any{
 	(NodeStatus)(0),               // 0: llorch.v1.NodeStatus
 	(*Node)(nil),                  // 1: llorch.v1.Node
-	(*JoinToken)(nil),             // 2: llorch.v1.JoinToken
-	(*Event)(nil),                 // 3: llorch.v1.Event
-	nil,                           // 4: llorch.v1.Node.LabelsEntry
-	nil,                           // 5: llorch.v1.JoinToken.LabelsEntry
-	(*timestamppb.Timestamp)(nil), // 6: google.protobuf.Timestamp
+	(*NodeSystem)(nil),            // 2: llorch.v1.NodeSystem
+	(*GpuInventory)(nil),          // 3: llorch.v1.GpuInventory
+	(*Gpu)(nil),                   // 4: llorch.v1.Gpu
+	(*Pool)(nil),                  // 5: llorch.v1.Pool
+	(*Replica)(nil),               // 6: llorch.v1.Replica
+	(*HandoffError)(nil),          // 7: llorch.v1.HandoffError
+	(*JoinToken)(nil),             // 8: llorch.v1.JoinToken
+	(*Event)(nil),                 // 9: llorch.v1.Event
+	nil,                           // 10: llorch.v1.Node.LabelsEntry
+	nil,                           // 11: llorch.v1.JoinToken.LabelsEntry
+	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
 }
 var file_llorch_v1_types_proto_depIdxs = []int32{
-	0, // 0: llorch.v1.Node.status:type_name -> llorch.v1.NodeStatus
-	4, // 1: llorch.v1.Node.labels:type_name -> llorch.v1.Node.LabelsEntry
-	6, // 2: llorch.v1.Node.certificate_not_after:type_name -> google.protobuf.Timestamp
-	6, // 3: llorch.v1.Node.enrolled_at:type_name -> google.protobuf.Timestamp
-	6, // 4: llorch.v1.Node.last_seen:type_name -> google.protobuf.Timestamp
-	5, // 5: llorch.v1.JoinToken.labels:type_name -> llorch.v1.JoinToken.LabelsEntry
-	6, // 6: llorch.v1.JoinToken.created_at:type_name -> google.protobuf.Timestamp
-	6, // 7: llorch.v1.JoinToken.expires_at:type_name -> google.protobuf.Timestamp
-	6, // 8: llorch.v1.Event.time:type_name -> google.protobuf.Timestamp
-	9, // [9:9] is the sub-list for method output_type
-	9, // [9:9] is the sub-list for method input_type
-	9, // [9:9] is the sub-list for extension type_name
-	9, // [9:9] is the sub-list for extension extendee
-	0, // [0:9] is the sub-list for field type_name
+	0,  // 0: llorch.v1.Node.status:type_name -> llorch.v1.NodeStatus
+	10, // 1: llorch.v1.Node.labels:type_name -> llorch.v1.Node.LabelsEntry
+	12, // 2: llorch.v1.Node.certificate_not_after:type_name -> google.protobuf.Timestamp
+	12, // 3: llorch.v1.Node.enrolled_at:type_name -> google.protobuf.Timestamp
+	12, // 4: llorch.v1.Node.last_seen:type_name -> google.protobuf.Timestamp
+	2,  // 5: llorch.v1.Node.system:type_name -> llorch.v1.NodeSystem
+	3,  // 6: llorch.v1.Node.gpu_inventory:type_name -> llorch.v1.GpuInventory
+	5,  // 7: llorch.v1.Node.pools:type_name -> llorch.v1.Pool
+	7,  // 8: llorch.v1.Node.handoff_errors:type_name -> llorch.v1.HandoffError
+	4,  // 9: llorch.v1.GpuInventory.gpus:type_name -> llorch.v1.Gpu
+	6,  // 10: llorch.v1.Pool.replicas:type_name -> llorch.v1.Replica
+	11, // 11: llorch.v1.JoinToken.labels:type_name -> llorch.v1.JoinToken.LabelsEntry
+	12, // 12: llorch.v1.JoinToken.created_at:type_name -> google.protobuf.Timestamp
+	12, // 13: llorch.v1.JoinToken.expires_at:type_name -> google.protobuf.Timestamp
+	12, // 14: llorch.v1.Event.time:type_name -> google.protobuf.Timestamp
+	15, // [15:15] is the sub-list for method output_type
+	15, // [15:15] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_llorch_v1_types_proto_init() }
@@ -499,7 +1099,7 @@ func file_llorch_v1_types_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_llorch_v1_types_proto_rawDesc), len(file_llorch_v1_types_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   5,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -50,6 +50,14 @@ const (
 	AdminServiceRemoveNodeProcedure = "/llorch.v1.AdminService/RemoveNode"
 	// AdminServiceListEventsProcedure is the fully-qualified name of the AdminService's ListEvents RPC.
 	AdminServiceListEventsProcedure = "/llorch.v1.AdminService/ListEvents"
+	// AdminServiceDrainNodeProcedure is the fully-qualified name of the AdminService's DrainNode RPC.
+	AdminServiceDrainNodeProcedure = "/llorch.v1.AdminService/DrainNode"
+	// AdminServiceUndrainNodeProcedure is the fully-qualified name of the AdminService's UndrainNode
+	// RPC.
+	AdminServiceUndrainNodeProcedure = "/llorch.v1.AdminService/UndrainNode"
+	// AdminServiceWatchEventsProcedure is the fully-qualified name of the AdminService's WatchEvents
+	// RPC.
+	AdminServiceWatchEventsProcedure = "/llorch.v1.AdminService/WatchEvents"
 )
 
 // AdminServiceClient is a client for the llorch.v1.AdminService service.
@@ -62,6 +70,12 @@ type AdminServiceClient interface {
 	// RemoveNode revokes the node: its certificate is refused from its next call on.
 	RemoveNode(context.Context, *connect.Request[v1.RemoveNodeRequest]) (*connect.Response[v1.RemoveNodeResponse], error)
 	ListEvents(context.Context, *connect.Request[v1.ListEventsRequest]) (*connect.Response[v1.ListEventsResponse], error)
+	// DrainNode marks the node draining (kept across restarts of both sides).
+	DrainNode(context.Context, *connect.Request[v1.DrainNodeRequest]) (*connect.Response[v1.DrainNodeResponse], error)
+	UndrainNode(context.Context, *connect.Request[v1.UndrainNodeRequest]) (*connect.Response[v1.UndrainNodeResponse], error)
+	// WatchEvents streams events as they are recorded, after the recent ones;
+	// it works over gRPC-web, so a browser can follow the fleet.
+	WatchEvents(context.Context, *connect.Request[v1.WatchEventsRequest]) (*connect.ServerStreamForClient[v1.WatchEventsResponse], error)
 }
 
 // NewAdminServiceClient constructs a client for the llorch.v1.AdminService service. By default, it
@@ -117,6 +131,24 @@ func NewAdminServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(adminServiceMethods.ByName("ListEvents")),
 			connect.WithClientOptions(opts...),
 		),
+		drainNode: connect.NewClient[v1.DrainNodeRequest, v1.DrainNodeResponse](
+			httpClient,
+			baseURL+AdminServiceDrainNodeProcedure,
+			connect.WithSchema(adminServiceMethods.ByName("DrainNode")),
+			connect.WithClientOptions(opts...),
+		),
+		undrainNode: connect.NewClient[v1.UndrainNodeRequest, v1.UndrainNodeResponse](
+			httpClient,
+			baseURL+AdminServiceUndrainNodeProcedure,
+			connect.WithSchema(adminServiceMethods.ByName("UndrainNode")),
+			connect.WithClientOptions(opts...),
+		),
+		watchEvents: connect.NewClient[v1.WatchEventsRequest, v1.WatchEventsResponse](
+			httpClient,
+			baseURL+AdminServiceWatchEventsProcedure,
+			connect.WithSchema(adminServiceMethods.ByName("WatchEvents")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -129,6 +161,9 @@ type adminServiceClient struct {
 	getNode         *connect.Client[v1.GetNodeRequest, v1.GetNodeResponse]
 	removeNode      *connect.Client[v1.RemoveNodeRequest, v1.RemoveNodeResponse]
 	listEvents      *connect.Client[v1.ListEventsRequest, v1.ListEventsResponse]
+	drainNode       *connect.Client[v1.DrainNodeRequest, v1.DrainNodeResponse]
+	undrainNode     *connect.Client[v1.UndrainNodeRequest, v1.UndrainNodeResponse]
+	watchEvents     *connect.Client[v1.WatchEventsRequest, v1.WatchEventsResponse]
 }
 
 // CreateJoinToken calls llorch.v1.AdminService.CreateJoinToken.
@@ -166,6 +201,21 @@ func (c *adminServiceClient) ListEvents(ctx context.Context, req *connect.Reques
 	return c.listEvents.CallUnary(ctx, req)
 }
 
+// DrainNode calls llorch.v1.AdminService.DrainNode.
+func (c *adminServiceClient) DrainNode(ctx context.Context, req *connect.Request[v1.DrainNodeRequest]) (*connect.Response[v1.DrainNodeResponse], error) {
+	return c.drainNode.CallUnary(ctx, req)
+}
+
+// UndrainNode calls llorch.v1.AdminService.UndrainNode.
+func (c *adminServiceClient) UndrainNode(ctx context.Context, req *connect.Request[v1.UndrainNodeRequest]) (*connect.Response[v1.UndrainNodeResponse], error) {
+	return c.undrainNode.CallUnary(ctx, req)
+}
+
+// WatchEvents calls llorch.v1.AdminService.WatchEvents.
+func (c *adminServiceClient) WatchEvents(ctx context.Context, req *connect.Request[v1.WatchEventsRequest]) (*connect.ServerStreamForClient[v1.WatchEventsResponse], error) {
+	return c.watchEvents.CallServerStream(ctx, req)
+}
+
 // AdminServiceHandler is an implementation of the llorch.v1.AdminService service.
 type AdminServiceHandler interface {
 	CreateJoinToken(context.Context, *connect.Request[v1.CreateJoinTokenRequest]) (*connect.Response[v1.CreateJoinTokenResponse], error)
@@ -176,6 +226,12 @@ type AdminServiceHandler interface {
 	// RemoveNode revokes the node: its certificate is refused from its next call on.
 	RemoveNode(context.Context, *connect.Request[v1.RemoveNodeRequest]) (*connect.Response[v1.RemoveNodeResponse], error)
 	ListEvents(context.Context, *connect.Request[v1.ListEventsRequest]) (*connect.Response[v1.ListEventsResponse], error)
+	// DrainNode marks the node draining (kept across restarts of both sides).
+	DrainNode(context.Context, *connect.Request[v1.DrainNodeRequest]) (*connect.Response[v1.DrainNodeResponse], error)
+	UndrainNode(context.Context, *connect.Request[v1.UndrainNodeRequest]) (*connect.Response[v1.UndrainNodeResponse], error)
+	// WatchEvents streams events as they are recorded, after the recent ones;
+	// it works over gRPC-web, so a browser can follow the fleet.
+	WatchEvents(context.Context, *connect.Request[v1.WatchEventsRequest], *connect.ServerStream[v1.WatchEventsResponse]) error
 }
 
 // NewAdminServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -227,6 +283,24 @@ func NewAdminServiceHandler(svc AdminServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(adminServiceMethods.ByName("ListEvents")),
 		connect.WithHandlerOptions(opts...),
 	)
+	adminServiceDrainNodeHandler := connect.NewUnaryHandler(
+		AdminServiceDrainNodeProcedure,
+		svc.DrainNode,
+		connect.WithSchema(adminServiceMethods.ByName("DrainNode")),
+		connect.WithHandlerOptions(opts...),
+	)
+	adminServiceUndrainNodeHandler := connect.NewUnaryHandler(
+		AdminServiceUndrainNodeProcedure,
+		svc.UndrainNode,
+		connect.WithSchema(adminServiceMethods.ByName("UndrainNode")),
+		connect.WithHandlerOptions(opts...),
+	)
+	adminServiceWatchEventsHandler := connect.NewServerStreamHandler(
+		AdminServiceWatchEventsProcedure,
+		svc.WatchEvents,
+		connect.WithSchema(adminServiceMethods.ByName("WatchEvents")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/llorch.v1.AdminService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case AdminServiceCreateJoinTokenProcedure:
@@ -243,6 +317,12 @@ func NewAdminServiceHandler(svc AdminServiceHandler, opts ...connect.HandlerOpti
 			adminServiceRemoveNodeHandler.ServeHTTP(w, r)
 		case AdminServiceListEventsProcedure:
 			adminServiceListEventsHandler.ServeHTTP(w, r)
+		case AdminServiceDrainNodeProcedure:
+			adminServiceDrainNodeHandler.ServeHTTP(w, r)
+		case AdminServiceUndrainNodeProcedure:
+			adminServiceUndrainNodeHandler.ServeHTTP(w, r)
+		case AdminServiceWatchEventsProcedure:
+			adminServiceWatchEventsHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -278,4 +358,16 @@ func (UnimplementedAdminServiceHandler) RemoveNode(context.Context, *connect.Req
 
 func (UnimplementedAdminServiceHandler) ListEvents(context.Context, *connect.Request[v1.ListEventsRequest]) (*connect.Response[v1.ListEventsResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("llorch.v1.AdminService.ListEvents is not implemented"))
+}
+
+func (UnimplementedAdminServiceHandler) DrainNode(context.Context, *connect.Request[v1.DrainNodeRequest]) (*connect.Response[v1.DrainNodeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("llorch.v1.AdminService.DrainNode is not implemented"))
+}
+
+func (UnimplementedAdminServiceHandler) UndrainNode(context.Context, *connect.Request[v1.UndrainNodeRequest]) (*connect.Response[v1.UndrainNodeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("llorch.v1.AdminService.UndrainNode is not implemented"))
+}
+
+func (UnimplementedAdminServiceHandler) WatchEvents(context.Context, *connect.Request[v1.WatchEventsRequest], *connect.ServerStream[v1.WatchEventsResponse]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("llorch.v1.AdminService.WatchEvents is not implemented"))
 }
