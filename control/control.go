@@ -41,6 +41,15 @@ type Node struct {
 	Draining bool
 	// RemovedAt is the zero time unless Status is StatusRemoved.
 	RemovedAt time.Time
+	// StatusReason says why the node last changed status.
+	StatusReason string
+}
+
+// StatusChange is one node's move to a new status.
+type StatusChange struct {
+	NodeID string
+	Status NodeStatus
+	Reason string
 }
 
 // JoinToken is the stored half of a join token: never the secret, only its hash.
@@ -74,6 +83,9 @@ const (
 	EventEnrolled     = "enrolled"
 	EventRenewed      = "certificate_renewed"
 	EventRemoved      = "removed"
+	EventStatus       = "status"
+	EventDrained      = "drained"
+	EventUndrained    = "undrained"
 )
 
 // Sentinel errors. Callers test them with errors.Is.

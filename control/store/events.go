@@ -47,13 +47,40 @@ func (s *Store) ListEvents(ctx context.Context, nodeID string, limit int) ([]con
 	if limit <= 0 {
 		limit = 100
 	}
+	query, args := `SELECT id, time, node_id, kind, reason FROM events ORDER BY id DESC LIMIT ?`, []any{limit}
+	if nodeID != "" {
+		query, args = `SELECT id, time, node_id, kind, reason FROM events WHERE node_id = ? ORDER BY id DESC LIMIT ?`,
+			[]any{nodeID, limit}
+	}
+	es, err := s.queryEvents(ctx, query, args...)
+	if err != nil {
+		return nil, fmt.Errorf("list events: %w", err)
+	}
+	return es, nil
+}
+
+// ListEventsAfter returns up to limit events with an ID above afterID, oldest
+// first: those of node nodeID, or all when nodeID is empty. Following the
+// event log is calling it with the last ID seen.
+func (s *Store) ListEventsAfter(ctx context.Context, nodeID string, afterID int64, limit int) ([]control.Event, error) {
+	if limit <= 0 {
+		limit = 100
+	}
+	query, args := `SELECT id, time, node_id, kind, reason FROM events WHERE id > ? ORDER BY id LIMIT ?`, []any{afterID, limit}
+	if nodeID != "" {
+		query, args = `SELECT id, time, node_id, kind, reason FROM events WHERE node_id = ? AND id > ? ORDER BY id LIMIT ?`,
+			[]any{nodeID, afterID, limit}
+	}
+	es, err := s.queryEvents(ctx, query, args...)
+	if err != nil {
+		return nil, fmt.Errorf("list events: %w", err)
+	}
+	return es, nil
+}
+
+func (s *Store) queryEvents(ctx context.Context, query string, args ...any) ([]control.Event, error) {
 	var es []control.Event
 	err := s.read(ctx, func(tx *sql.Tx) error {
-		query, args := `SELECT id, time, node_id, kind, reason FROM events ORDER BY id DESC LIMIT ?`, []any{limit}
-		if nodeID != "" {
-			query, args = `SELECT id, time, node_id, kind, reason FROM events WHERE node_id = ? ORDER BY id DESC LIMIT ?`,
-				[]any{nodeID, limit}
-		}
 		rows, err := tx.QueryContext(ctx, query, args...)
 		if err != nil {
 			return err
@@ -73,8 +100,5 @@ func (s *Store) ListEvents(ctx context.Context, nodeID string, limit int) ([]con
 		}
 		return rows.Err()
 	})
-	if err != nil {
-		return nil, fmt.Errorf("list events: %w", err)
-	}
-	return es, nil
+	return es, err
 }

@@ -11,11 +11,8 @@ import (
 	"github.com/llorch/llorch/control"
 )
 
-// eventStatus is the kind of the event SetNodeStatus records.
-const eventStatus = "status"
-
 const nodeColumns = `id, name, status, labels, token_id, cert_serial, next_cert_serial, cert_not_after,
-	enrolled_at, last_seen, draining, removed_at`
+	enrolled_at, last_seen, draining, removed_at, status_reason`
 
 // EnrollNode claims one use of the token and records the node, in one
 // transaction. The token must exist, its stored hash equal secretHash, and it
@@ -158,8 +155,8 @@ func removeNodeTx(ctx context.Context, tx *sql.Tx, id, reason string, now time.T
 	if err != nil || n.Status == control.StatusRemoved {
 		return n, err
 	}
-	if _, err := tx.ExecContext(ctx, `UPDATE nodes SET status = ?, removed_at = ?, next_cert_serial = NULL, next_cert_not_after = NULL
-		WHERE id = ?`, control.StatusRemoved, nanos(now), id); err != nil {
+	if _, err := tx.ExecContext(ctx, `UPDATE nodes SET status = ?, status_reason = ?, removed_at = ?, next_cert_serial = NULL,
+		next_cert_not_after = NULL WHERE id = ?`, control.StatusRemoved, reason, nanos(now), id); err != nil {
 		return control.Node{}, err
 	}
 	if _, err := addEventTx(ctx, tx, control.Event{Time: now, NodeID: id, Kind: control.EventRemoved, Reason: reason}); err != nil {
@@ -267,10 +264,10 @@ func setNodeStatusTx(ctx context.Context, tx *sql.Tx, id string, status control.
 	case n.Status == status:
 		return nil
 	}
-	if _, err := tx.ExecContext(ctx, `UPDATE nodes SET status = ? WHERE id = ?`, status, id); err != nil {
+	if _, err := tx.ExecContext(ctx, `UPDATE nodes SET status = ?, status_reason = ? WHERE id = ?`, status, reason, id); err != nil {
 		return err
 	}
-	_, err = addEventTx(ctx, tx, control.Event{Time: now, NodeID: id, Kind: eventStatus,
+	_, err = addEventTx(ctx, tx, control.Event{Time: now, NodeID: id, Kind: control.EventStatus,
 		Reason: fmt.Sprintf("%s -> %s: %s", n.Status, status, reason)})
 	return err
 }
@@ -283,7 +280,7 @@ func scanNode(row scanner) (control.Node, error) {
 		notAfter, enrolledAt, lastSeen, removedAt sql.NullInt64
 	)
 	if err := row.Scan(&n.ID, &n.Name, &n.Status, &labels, &n.TokenID, &n.CertSerial, &next, &notAfter,
-		&enrolledAt, &lastSeen, &n.Draining, &removedAt); err != nil {
+		&enrolledAt, &lastSeen, &n.Draining, &removedAt, &n.StatusReason); err != nil {
 		return control.Node{}, err
 	}
 	var err error
