@@ -1,0 +1,119 @@
+// Package metrics holds the control plane's Prometheus metrics, on a registry
+// of their own (no global state), served at /metrics.
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Metrics are the control plane's counters and gauges. A nil *Metrics is
+// valid and records nothing, so packages can take one optionally.
+type Metrics struct {
+	Registry     *prometheus.Registry
+	Sessions     prometheus.Gauge
+	Heartbeats   prometheus.Counter
+	Enrollments  *prometheus.CounterVec // result: ok, refused
+	Renewals     *prometheus.CounterVec // result: ok, refused
+	Transitions  *prometheus.CounterVec // from, to
+	StoreErrors  prometheus.Counter
+	nodesByState *prometheus.GaugeVec
+}
+
+// New registers every metric, plus Go runtime and process metrics.
+func New() *Metrics {
+	m := &Metrics{
+		Registry: prometheus.NewRegistry(),
+		Sessions: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "llorch_sessions", Help: "Edge sessions currently connected.",
+		}),
+		Heartbeats: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "llorch_heartbeats_total", Help: "Heartbeats received from edges.",
+		}),
+		Enrollments: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_enrollments_total", Help: "Enrollment attempts by result.",
+		}, []string{"result"}),
+		Renewals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_renewals_total", Help: "Certificate renewals by result.",
+		}, []string{"result"}),
+		Transitions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_node_transitions_total", Help: "Node status transitions.",
+		}, []string{"from", "to"}),
+		StoreErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "llorch_store_write_errors_total", Help: "Failed writes of liveness state to the store (retried).",
+		}),
+		nodesByState: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "llorch_nodes", Help: "Nodes by status.",
+		}, []string{"status"}),
+	}
+	m.Registry.MustRegister(m.Sessions, m.Heartbeats, m.Enrollments, m.Renewals, m.Transitions, m.StoreErrors, m.nodesByState,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// SetNodes replaces the nodes-by-status gauge.
+func (m *Metrics) SetNodes(counts map[string]int) {
+	if m == nil {
+		return
+	}
+	m.nodesByState.Reset()
+	for status, n := range counts {
+		m.nodesByState.WithLabelValues(status).Set(float64(n))
+	}
+}
+
+// Heartbeat counts one heartbeat.
+func (m *Metrics) Heartbeat() {
+	if m != nil {
+		m.Heartbeats.Inc()
+	}
+}
+
+// SessionOpened and SessionClosed track connected sessions.
+func (m *Metrics) SessionOpened() {
+	if m != nil {
+		m.Sessions.Inc()
+	}
+}
+
+// SessionClosed is the counterpart of SessionOpened.
+func (m *Metrics) SessionClosed() {
+	if m != nil {
+		m.Sessions.Dec()
+	}
+}
+
+// Transition counts a status change.
+func (m *Metrics) Transition(from, to string) {
+	if m != nil {
+		m.Transitions.WithLabelValues(from, to).Inc()
+	}
+}
+
+// Enrollment counts an enrollment attempt.
+func (m *Metrics) Enrollment(ok bool) {
+	if m != nil {
+		m.Enrollments.WithLabelValues(result(ok)).Inc()
+	}
+}
+
+// Renewal counts a renewal attempt.
+func (m *Metrics) Renewal(ok bool) {
+	if m != nil {
+		m.Renewals.WithLabelValues(result(ok)).Inc()
+	}
+}
+
+// StoreError counts a failed liveness write.
+func (m *Metrics) StoreError() {
+	if m != nil {
+		m.StoreErrors.Inc()
+	}
+}
+
+func result(ok bool) string {
+	if ok {
+		return "ok"
+	}
+	return "refused"
+}

@@ -1,0 +1,477 @@
+// Package registry is the control plane's live view of the fleet: which nodes
+// are connected, when each was last heard from, what it reported (GPUs,
+// engine pools), and the status transitions that follow. Liveness lives in
+// memory; a heartbeat never writes to the store. Status transitions are
+// queued for the store at once and written by one writer in batches (group
+// commit); last-seen times are flushed every few seconds.
+//
+// States (see docs/ARCHITECTURE.md): enrolled -> online (registered) ->
+// disconnected (session lost) -> offline (no heartbeat for OfflineAfter);
+// offline or disconnected -> online on reconnect; online -> offline at once
+// on a goodbye ("shutdown"). After a control-plane restart, nodes that were
+// online are unknown until they reconnect or RestartGrace passes.
+package registry
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/llorch/llorch/control"
+	"github.com/llorch/llorch/control/metrics"
+	"github.com/llorch/llorch/internal/clock"
+	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
+)
+
+// Defaults.
+const (
+	DefaultHeartbeatInterval = 10 * time.Second
+	DefaultOfflineAfter      = 30 * time.Second
+	DefaultFlushInterval     = 5 * time.Second
+	// MinRestartGrace covers an edge's longest reconnect backoff (10s) plus
+	// a handshake and a heartbeat, so no node is called offline because of
+	// the control plane's own downtime.
+	MinRestartGrace = 20 * time.Second
+)
+
+// Store is what the registry persists to.
+type Store interface {
+	ListNodes(ctx context.Context) ([]control.Node, error)
+	SetNodeStatuses(ctx context.Context, changes []control.StatusChange, now time.Time) error
+	UpdateLastSeen(ctx context.Context, seen map[string]time.Time) error
+	SetDraining(ctx context.Context, id string, draining bool, reason string, now time.Time) (control.Node, error)
+	RemoveNode(ctx context.Context, id, reason string, now time.Time) (control.Node, error)
+}
+
+// Config configures a Registry.
+type Config struct {
+	Store             Store
+	HeartbeatInterval time.Duration // 0: 10s
+	OfflineAfter      time.Duration // 0: 30s
+	// RestartGrace is how long nodes stay unknown after a restart before
+	// they are offline; 0: OfflineAfter, and at least MinRestartGrace.
+	RestartGrace  time.Duration
+	FlushInterval time.Duration    // last-seen flushes; 0: 5s
+	Clock         clock.Clock      // nil: the wall clock
+	Logger        *slog.Logger     // nil: discard
+	Metrics       *metrics.Metrics // nil: none
+}
+
+// Validate checks the timing settings.
+func (c Config) Validate() error {
+	hb, off := c.HeartbeatInterval, c.OfflineAfter
+	if hb == 0 {
+		hb = DefaultHeartbeatInterval
+	}
+	if off == 0 {
+		off = DefaultOfflineAfter
+	}
+	if hb < 100*time.Millisecond || hb > 10*time.Minute {
+		return fmt.Errorf("heartbeat interval %s: must be between 100ms and 10m", hb)
+	}
+	if off < 2*hb {
+		return fmt.Errorf("offline-after %s must be at least twice the heartbeat interval %s, or a single late heartbeat takes a node offline", off, hb)
+	}
+	return nil
+}
+
+// View is what the registry knows about one node.
+type View struct {
+	control.Node
+	System    *llorchv1.NodeSystem
+	Report    *llorchv1.NodeStatusReport
+	Connected bool
+}
+
+type entry struct {
+	node     control.Node
+	system   *llorchv1.NodeSystem
+	report   *llorchv1.NodeStatusReport
+	session  *Session
+	dirty    bool // last seen not flushed yet
+	lastBeat time.Time
+}
+
+// Registry is the live fleet. It is safe for concurrent use.
+type Registry struct {
+	cfg     Config
+	clock   clock.Clock
+	log     *slog.Logger
+	metrics *metrics.Metrics
+
+	mu        sync.Mutex
+	nodes     map[string]*entry
+	startedAt time.Time
+
+	writes chan control.StatusChange
+	wg     sync.WaitGroup
+}
+
+// New returns a registry; Load fills it, Run keeps it.
+func New(cfg Config) *Registry {
+	if cfg.HeartbeatInterval == 0 {
+		cfg.HeartbeatInterval = DefaultHeartbeatInterval
+	}
+	if cfg.OfflineAfter == 0 {
+		cfg.OfflineAfter = DefaultOfflineAfter
+	}
+	if cfg.RestartGrace == 0 {
+		cfg.RestartGrace = max(cfg.OfflineAfter, MinRestartGrace)
+	}
+	if cfg.FlushInterval == 0 {
+		cfg.FlushInterval = DefaultFlushInterval
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = clock.Real{}
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Registry{
+		cfg: cfg, clock: cfg.Clock, log: cfg.Logger, metrics: cfg.Metrics,
+		nodes:  map[string]*entry{},
+		writes: make(chan control.StatusChange, 65536),
+	}
+}
+
+// HeartbeatInterval is the interval edges are told to use.
+func (r *Registry) HeartbeatInterval() time.Duration { return r.cfg.HeartbeatInterval }
+
+// Load reads the nodes from the store. Nodes that were online or
+// disconnected when the control plane stopped become unknown: their silence
+// is the control plane's own downtime, not theirs.
+func (r *Registry) Load(ctx context.Context) error {
+	nodes, err := r.cfg.Store.ListNodes(ctx)
+	if err != nil {
+		return fmt.Errorf("load registry: %w", err)
+	}
+	now := r.clock.Now()
+	var changes []control.StatusChange
+	r.mu.Lock()
+	r.startedAt = now
+	for _, n := range nodes {
+		if n.Status == control.StatusRemoved {
+			continue
+		}
+		if n.Status == control.StatusOnline || n.Status == control.StatusDisconnected {
+			changes = append(changes, control.StatusChange{NodeID: n.ID, Status: control.StatusUnknown, Reason: "control plane restarted"})
+			n.Status, n.StatusReason = control.StatusUnknown, "control plane restarted"
+		}
+		r.nodes[n.ID] = &entry{node: n}
+	}
+	r.mu.Unlock()
+	if len(changes) > 0 {
+		if err := r.cfg.Store.SetNodeStatuses(ctx, changes, now); err != nil {
+			return fmt.Errorf("load registry: %w", err)
+		}
+	}
+	r.updateGauges()
+	return nil
+}
+
+// Run sweeps for silent nodes, flushes last-seen times and writes queued
+// transitions until ctx ends; then it flushes once more and returns.
+func (r *Registry) Run(ctx context.Context) error {
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		r.writer(ctx)
+	}()
+	tick := r.cfg.HeartbeatInterval / 2
+	if tick > time.Second {
+		tick = time.Second
+	}
+	lastFlush := r.clock.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			r.wg.Wait()
+			flushCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			r.drainWrites(flushCtx)
+			r.flushLastSeen(flushCtx)
+			return nil
+		case <-r.clock.After(tick):
+		}
+		now := r.clock.Now()
+		r.Sweep(now)
+		if now.Sub(lastFlush) >= r.cfg.FlushInterval {
+			r.flushLastSeen(ctx)
+			lastFlush = now
+		}
+	}
+}
+
+// Sweep moves nodes that have been silent too long to offline.
+func (r *Registry) Sweep(now time.Time) {
+	r.mu.Lock()
+	for id, e := range r.nodes {
+		switch e.node.Status {
+		case control.StatusOnline, control.StatusDisconnected:
+			if silent := now.Sub(e.lastSeen()); silent > r.cfg.OfflineAfter {
+				r.transition(id, e, control.StatusOffline, fmt.Sprintf("no heartbeat for %s", silent.Round(time.Second)))
+			}
+		case control.StatusUnknown:
+			if now.Sub(r.startedAt) > r.cfg.RestartGrace {
+				r.transition(id, e, control.StatusOffline, "not seen since the control plane restarted")
+			}
+		}
+	}
+	r.mu.Unlock()
+	r.updateGauges()
+}
+
+func (e *entry) lastSeen() time.Time {
+	if e.lastBeat.After(e.node.LastSeen) {
+		return e.lastBeat
+	}
+	return e.node.LastSeen
+}
+
+// transition changes a node's status in memory and queues the write. r.mu is held.
+func (r *Registry) transition(id string, e *entry, to control.NodeStatus, reason string) {
+	from := e.node.Status
+	if from == to {
+		return
+	}
+	e.node.Status, e.node.StatusReason = to, reason
+	r.metrics.Transition(string(from), string(to))
+	r.log.Info("node status", "node_id", id, "from", from, "to", to, "reason", reason)
+	r.writes <- control.StatusChange{NodeID: id, Status: to, Reason: reason}
+}
+
+// writer writes queued transitions, batching whatever has queued up into
+// one transaction. A failed write (a full disk) is retried, never dropped.
+func (r *Registry) writer(ctx context.Context) {
+	var batch []control.StatusChange
+	backoff := 100 * time.Millisecond
+	for {
+		if len(batch) == 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case c := <-r.writes:
+				batch = append(batch, c)
+			}
+		}
+	more:
+		for len(batch) < 1024 {
+			select {
+			case c := <-r.writes:
+				batch = append(batch, c)
+			default:
+				break more
+			}
+		}
+		if err := r.cfg.Store.SetNodeStatuses(ctx, batch, r.clock.Now()); err != nil {
+			if ctx.Err() != nil {
+				r.requeue(batch)
+				return
+			}
+			r.metrics.StoreError()
+			r.log.Error("cannot record node status changes; retrying", "changes", len(batch), "err", err)
+			select {
+			case <-ctx.Done():
+				r.requeue(batch)
+				return
+			case <-r.clock.After(backoff):
+			}
+			backoff = min(2*backoff, 5*time.Second)
+			continue
+		}
+		batch, backoff = batch[:0], 100*time.Millisecond
+	}
+}
+
+// requeue puts unwritten changes back for the final drain.
+func (r *Registry) requeue(batch []control.StatusChange) {
+	for _, c := range batch {
+		select {
+		case r.writes <- c:
+		default:
+		}
+	}
+}
+
+// drainWrites writes whatever is still queued (at shutdown).
+func (r *Registry) drainWrites(ctx context.Context) {
+	var batch []control.StatusChange
+	for {
+		select {
+		case c := <-r.writes:
+			batch = append(batch, c)
+			continue
+		default:
+		}
+		break
+	}
+	if len(batch) == 0 {
+		return
+	}
+	if err := r.cfg.Store.SetNodeStatuses(ctx, batch, r.clock.Now()); err != nil {
+		r.log.Error("cannot record node status changes at shutdown", "changes", len(batch), "err", err)
+	}
+}
+
+// flushLastSeen writes the last-seen times that changed since the last flush.
+func (r *Registry) flushLastSeen(ctx context.Context) {
+	seen := map[string]time.Time{}
+	r.mu.Lock()
+	for id, e := range r.nodes {
+		if e.dirty {
+			seen[id] = e.lastBeat
+			e.dirty = false
+		}
+	}
+	r.mu.Unlock()
+	if err := r.cfg.Store.UpdateLastSeen(ctx, seen); err != nil {
+		r.metrics.StoreError()
+		r.log.Error("cannot record last-seen times; will retry", "nodes", len(seen), "err", err)
+		r.mu.Lock()
+		for id := range seen {
+			if e, ok := r.nodes[id]; ok {
+				e.dirty = true
+			}
+		}
+		r.mu.Unlock()
+	}
+}
+
+func (r *Registry) updateGauges() {
+	if r.metrics == nil {
+		return
+	}
+	counts := map[string]int{}
+	r.mu.Lock()
+	for _, e := range r.nodes {
+		counts[string(e.node.Status)]++
+	}
+	r.mu.Unlock()
+	r.metrics.SetNodes(counts)
+}
+
+// ErrUnknownNode says the registry has no such node (or it was removed).
+var ErrUnknownNode = errors.New("node is not registered")
+
+// Node returns the live view of one node.
+func (r *Registry) Node(id string) (View, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.nodes[id]
+	if !ok {
+		return View{}, false
+	}
+	return e.view(), true
+}
+
+// Nodes returns the live view of every node (removed ones excluded), by
+// enrollment time.
+func (r *Registry) Nodes() []View {
+	r.mu.Lock()
+	out := make([]View, 0, len(r.nodes))
+	for _, e := range r.nodes {
+		out = append(out, e.view())
+	}
+	r.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool {
+		if !out[i].EnrolledAt.Equal(out[j].EnrolledAt) {
+			return out[i].EnrolledAt.Before(out[j].EnrolledAt)
+		}
+		return out[i].ID < out[j].ID
+	})
+	return out
+}
+
+func (e *entry) view() View {
+	n := e.node
+	n.LastSeen = e.lastSeen()
+	return View{Node: n, System: e.system, Report: e.report, Connected: e.session != nil}
+}
+
+// Enrolled adds a newly enrolled node.
+func (r *Registry) Enrolled(n control.Node) {
+	r.mu.Lock()
+	if _, ok := r.nodes[n.ID]; !ok {
+		r.nodes[n.ID] = &entry{node: n}
+	}
+	r.mu.Unlock()
+	r.updateGauges()
+}
+
+// Drain marks a node draining (or not), persists it, and tells the node if
+// it is connected.
+func (r *Registry) Drain(ctx context.Context, id string, draining bool, reason string) (View, error) {
+	n, err := r.cfg.Store.SetDraining(ctx, id, draining, reason, r.clock.Now())
+	if err != nil {
+		return View{}, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.nodes[id]
+	if !ok {
+		return View{Node: n}, nil
+	}
+	e.node.Draining = n.Draining
+	if e.session != nil {
+		kind := llorchv1.CommandKind_COMMAND_KIND_UNDRAIN
+		if draining {
+			kind = llorchv1.CommandKind_COMMAND_KIND_DRAIN
+		}
+		e.session.send(&llorchv1.Command{Kind: kind, Reason: reason})
+	}
+	return e.view(), nil
+}
+
+// Remove revokes a node: it is removed in the store and its session, if
+// any, is closed.
+func (r *Registry) Remove(ctx context.Context, id, reason string) (control.Node, error) {
+	n, err := r.cfg.Store.RemoveNode(ctx, id, reason, r.clock.Now())
+	if err != nil {
+		return control.Node{}, err
+	}
+	r.mu.Lock()
+	if e, ok := r.nodes[id]; ok {
+		if e.session != nil {
+			e.session.send(&llorchv1.Command{Kind: llorchv1.CommandKind_COMMAND_KIND_DISCONNECT, Reason: "node removed: " + reason})
+			e.session.cancel()
+			e.session = nil
+			r.metrics.SessionClosed()
+		}
+		delete(r.nodes, id)
+	}
+	r.mu.Unlock()
+	r.updateGauges()
+	return n, nil
+}
+
+// RenewNow asks a connected node to renew its certificate now.
+func (r *Registry) RenewNow(id string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.nodes[id]
+	if !ok || e.session == nil {
+		return fmt.Errorf("node %s is not connected: %w", id, control.ErrNotFound)
+	}
+	e.session.send(&llorchv1.Command{Kind: llorchv1.CommandKind_COMMAND_KIND_RENEW_NOW, Reason: "requested by operator"})
+	return nil
+}
+
+// DisconnectAll closes every session with a retry hint spread uniformly over
+// [0, spread), so that edges come back spread out rather than all at once.
+// It is called when the control plane shuts down.
+func (r *Registry) DisconnectAll(reason string, spread time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, e := range r.nodes {
+		if e.session == nil {
+			continue
+		}
+		wait := time.Duration(rand.Int64N(int64(spread) + 1))
+		e.session.send(&llorchv1.Command{Kind: llorchv1.CommandKind_COMMAND_KIND_DISCONNECT, Reason: reason, RetryAfter: durationProto(wait)})
+	}
+}
