@@ -18,6 +18,7 @@ import (
 	"github.com/llorch/llorch/certs"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/control/enroll"
+	"github.com/llorch/llorch/control/registry"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 )
 
@@ -25,10 +26,10 @@ import (
 type Store interface {
 	GetNode(ctx context.Context, id string) (control.Node, error)
 	ListNodes(ctx context.Context) ([]control.Node, error)
-	RemoveNode(ctx context.Context, id, reason string, now time.Time) (control.Node, error)
 	ListTokens(ctx context.Context) ([]control.JoinToken, error)
 	RevokeToken(ctx context.Context, id string, now time.Time) error
 	ListEvents(ctx context.Context, nodeID string, limit int) ([]control.Event, error)
+	ListEventsAfter(ctx context.Context, nodeID string, afterID int64, limit int) ([]control.Event, error)
 }
 
 // errorToConnect maps a domain error to a Connect error. Internal errors are
@@ -43,7 +44,7 @@ func errorToConnect(ctx context.Context, log *slog.Logger, err error) error {
 		return connect.NewError(connect.CodeCanceled, err)
 	case errors.Is(err, context.DeadlineExceeded):
 		return connect.NewError(connect.CodeDeadlineExceeded, err)
-	case errors.Is(err, control.ErrNotFound):
+	case errors.Is(err, control.ErrNotFound), errors.Is(err, registry.ErrUnknownNode):
 		return connect.NewError(connect.CodeNotFound, err)
 	case errors.Is(err, certs.ErrMalformedToken),
 		errors.Is(err, certs.ErrInvalidCSR),
@@ -80,6 +81,7 @@ func nodeToProto(n control.Node, trustDomain string) *llorchv1.Node {
 		LastSeen:            timestamp(n.LastSeen),
 		Draining:            n.Draining,
 		TokenId:             n.TokenID,
+		StatusReason:        n.StatusReason,
 	}
 }
 

@@ -5,13 +5,17 @@ import (
 	"crypto/x509"
 	"errors"
 	"log/slog"
+	"time"
 
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/llorch/llorch/certs"
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/control/authz"
 	"github.com/llorch/llorch/control/enroll"
+	"github.com/llorch/llorch/control/metrics"
+	"github.com/llorch/llorch/control/registry"
 	"github.com/llorch/llorch/internal/clock"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 )
@@ -20,6 +24,8 @@ import (
 type Config struct {
 	Enroll      *enroll.Service
 	Store       Store
+	Registry    *registry.Registry
+	Metrics     *metrics.Metrics // nil: none
 	Roots       []*x509.Certificate
 	TrustDomain string
 	Fingerprint string
@@ -63,9 +69,11 @@ func (s *Server) GetInfo(context.Context, *connect.Request[llorchv1.GetInfoReque
 // Enroll is public: the join token is the credential.
 func (s *Server) Enroll(ctx context.Context, req *connect.Request[llorchv1.EnrollRequest]) (*connect.Response[llorchv1.EnrollResponse], error) {
 	e, err := s.cfg.Enroll.Enroll(ctx, req.Msg.GetToken(), req.Msg.GetCsr(), req.Msg.GetHostname())
+	s.cfg.Metrics.Enrollment(err == nil)
 	if err != nil {
 		return nil, s.fail(ctx, err)
 	}
+	s.cfg.Registry.Enrolled(e.Node)
 	return connect.NewResponse(&llorchv1.EnrollResponse{
 		NodeId:           e.Node.ID,
 		NodeName:         e.Node.Name,
@@ -91,12 +99,12 @@ func (s *Server) WhoAmI(ctx context.Context, _ *connect.Request[llorchv1.WhoAmIR
 	if err != nil {
 		return nil, err
 	}
-	n, err := s.cfg.Store.GetNode(ctx, c.NodeID)
+	n, err := s.node(ctx, c.NodeID)
 	if err != nil {
 		return nil, s.fail(ctx, err)
 	}
 	return connect.NewResponse(&llorchv1.WhoAmIResponse{
-		Node:       nodeToProto(n, s.cfg.TrustDomain),
+		Node:       n,
 		ServerTime: timestamppb.New(s.clk.Now()),
 	}), nil
 }
@@ -108,6 +116,7 @@ func (s *Server) RenewCertificate(ctx context.Context, req *connect.Request[llor
 		return nil, err
 	}
 	chain, err := s.cfg.Enroll.Renew(ctx, c.NodeID, c.CertSerial, req.Msg.GetCsr())
+	s.cfg.Metrics.Renewal(err == nil)
 	if err != nil {
 		return nil, s.fail(ctx, err)
 	}
@@ -164,18 +173,18 @@ func (s *Server) ListNodes(ctx context.Context, _ *connect.Request[llorchv1.List
 	}
 	out := &llorchv1.ListNodesResponse{}
 	for _, n := range ns {
-		out.Nodes = append(out.Nodes, nodeToProto(n, s.cfg.TrustDomain))
+		out.Nodes = append(out.Nodes, s.live(n))
 	}
 	return connect.NewResponse(out), nil
 }
 
 // GetNode returns one node.
 func (s *Server) GetNode(ctx context.Context, req *connect.Request[llorchv1.GetNodeRequest]) (*connect.Response[llorchv1.GetNodeResponse], error) {
-	n, err := s.cfg.Store.GetNode(ctx, req.Msg.GetId())
+	n, err := s.node(ctx, req.Msg.GetId())
 	if err != nil {
 		return nil, s.fail(ctx, err)
 	}
-	return connect.NewResponse(&llorchv1.GetNodeResponse{Node: nodeToProto(n, s.cfg.TrustDomain)}), nil
+	return connect.NewResponse(&llorchv1.GetNodeResponse{Node: n}), nil
 }
 
 // RemoveNode revokes a node.
@@ -184,7 +193,7 @@ func (s *Server) RemoveNode(ctx context.Context, req *connect.Request[llorchv1.R
 	if reason == "" {
 		reason = "removed by operator"
 	}
-	n, err := s.cfg.Store.RemoveNode(ctx, req.Msg.GetId(), reason, s.clk.Now())
+	n, err := s.cfg.Registry.Remove(ctx, req.Msg.GetId(), reason)
 	if err != nil {
 		return nil, s.fail(ctx, err)
 	}
@@ -204,9 +213,106 @@ func (s *Server) ListEvents(ctx context.Context, req *connect.Request[llorchv1.L
 	}
 	out := &llorchv1.ListEventsResponse{}
 	for _, e := range es {
-		out.Events = append(out.Events, &llorchv1.Event{
-			Id: e.ID, Time: timestamp(e.Time), NodeId: e.NodeID, Kind: e.Kind, Reason: e.Reason,
-		})
+		out.Events = append(out.Events, eventToProto(e))
 	}
 	return connect.NewResponse(out), nil
+}
+
+// node is one node: the stored record with the registry's live view over it.
+func (s *Server) node(ctx context.Context, id string) (*llorchv1.Node, error) {
+	n, err := s.cfg.Store.GetNode(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return s.live(n), nil
+}
+
+func (s *Server) live(n control.Node) *llorchv1.Node {
+	v, ok := s.cfg.Registry.Node(n.ID)
+	if !ok || n.Status == control.StatusRemoved {
+		return nodeToProto(n, s.cfg.TrustDomain)
+	}
+	out := nodeToProto(v.Node, s.cfg.TrustDomain)
+	out.System = v.System
+	if r := v.Report; r != nil {
+		out.GpuInventory, out.Pools, out.HandoffErrors = r.GetGpuInventory(), r.GetPools(), r.GetHandoffErrors()
+	}
+	return out
+}
+
+// DrainNode marks a node draining.
+func (s *Server) DrainNode(ctx context.Context, req *connect.Request[llorchv1.DrainNodeRequest]) (*connect.Response[llorchv1.DrainNodeResponse], error) {
+	reason := req.Msg.GetReason()
+	if reason == "" {
+		reason = "drained by operator"
+	}
+	if _, err := s.cfg.Registry.Drain(ctx, req.Msg.GetId(), true, reason); err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	n, err := s.node(ctx, req.Msg.GetId())
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	return connect.NewResponse(&llorchv1.DrainNodeResponse{Node: n}), nil
+}
+
+// UndrainNode clears a node's draining mark.
+func (s *Server) UndrainNode(ctx context.Context, req *connect.Request[llorchv1.UndrainNodeRequest]) (*connect.Response[llorchv1.UndrainNodeResponse], error) {
+	if _, err := s.cfg.Registry.Drain(ctx, req.Msg.GetId(), false, "undrained by operator"); err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	n, err := s.node(ctx, req.Msg.GetId())
+	if err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	return connect.NewResponse(&llorchv1.UndrainNodeResponse{Node: n}), nil
+}
+
+// WatchPollInterval is how often WatchEvents looks for new events.
+const WatchPollInterval = 250 * time.Millisecond
+
+// WatchEvents streams events: first up to backlog recorded ones, then new
+// ones as they are recorded, until the caller goes away.
+func (s *Server) WatchEvents(ctx context.Context, req *connect.Request[llorchv1.WatchEventsRequest], stream *connect.ServerStream[llorchv1.WatchEventsResponse]) error {
+	backlog := int(req.Msg.GetBacklog())
+	if backlog < 0 || backlog > 10000 {
+		return s.fail(ctx, errInvalid("backlog %d: must be between 0 and 10000", backlog))
+	}
+	nodeID := req.Msg.GetNodeId()
+	var after int64
+	recent, err := s.cfg.Store.ListEvents(ctx, nodeID, max(backlog, 1))
+	if err != nil {
+		return s.fail(ctx, err)
+	}
+	if len(recent) > 0 {
+		after = recent[0].ID
+	}
+	if backlog > 0 {
+		for i := len(recent) - 1; i >= 0; i-- {
+			if err := stream.Send(&llorchv1.WatchEventsResponse{Event: eventToProto(recent[i])}); err != nil {
+				return nil
+			}
+		}
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(WatchPollInterval):
+		}
+		es, err := s.cfg.Store.ListEventsAfter(ctx, nodeID, after, 1000)
+		if err != nil {
+			return s.fail(ctx, err)
+		}
+		for _, e := range es {
+			if err := stream.Send(&llorchv1.WatchEventsResponse{Event: eventToProto(e)}); err != nil {
+				return nil
+			}
+			after = e.ID
+		}
+	}
+}
+
+func eventToProto(e control.Event) *llorchv1.Event {
+	return &llorchv1.Event{Id: e.ID, Time: timestamp(e.Time), NodeId: e.NodeID, Kind: e.Kind, Reason: e.Reason}
 }

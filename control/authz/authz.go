@@ -252,3 +252,19 @@ func refuse(code connect.Code, reason string, err error) error {
 	cerr.Meta().Set(ReasonHeader, reason)
 	return cerr
 }
+
+// AdminHTTP guards a plain HTTP handler (such as /metrics) with the admin
+// policy: the local socket, or the API token as a bearer token.
+func AdminHTTP(next http.Handler, apiToken string) http.Handler {
+	i := NewInterceptor(Config{APIToken: apiToken}).(*interceptor)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		info, _ := r.Context().Value(connKey{}).(connInfo)
+		if !info.local {
+			if err := i.checkAPIToken(r.Header); err != nil {
+				http.Error(w, err.Error(), http.StatusUnauthorized)
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}

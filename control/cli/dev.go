@@ -55,13 +55,13 @@ token made on the spot; later runs reuse its identity. Stop with Ctrl-C.`,
 			if err != nil {
 				return fmt.Errorf("local edge: %w", err)
 			}
-			a := agent.New(agent.Config{StateDir: edgeDir, Logger: logger.With("component", "edge")}, res.Identity)
+			a := agent.New(agent.Config{StateDir: edgeDir, EnginesDir: filepath.Join(dir, "engines"), Logger: logger.With("component", "edge")}, res.Identity)
 			go func() { errc <- a.Run(ctx) }()
 
 			out := cmd.OutOrStdout()
 			fmt.Fprintf(out, "llorch dev: control plane %s at %s (data %s)\n", version.Version, srv.URL(), cfg.DataDir)
 			fmt.Fprintf(out, "CA fingerprint: %s\n", srv.Fingerprint())
-			fmt.Fprintf(out, "local edge: node %s (%s), state %s\n\n", res.Identity.NodeID, res.Identity.NodeName, edgeDir)
+			fmt.Fprintf(out, "local edge: node %s (%s), state %s, engine handoff files in %s\n\n", res.Identity.NodeID, res.Identity.NodeName, edgeDir, filepath.Join(dir, "engines"))
 			fmt.Fprintf(out, "In another terminal:\n")
 			fmt.Fprintf(out, "  control node list --data %s\n\n", cfg.DataDir)
 			fmt.Fprintf(out, "To enroll another machine, serve on an address it can reach (with an API token), e.g.\n")
@@ -81,6 +81,8 @@ token made on the spot; later runs reuse its identity. Stop with Ctrl-C.`,
 	f := cmd.Flags()
 	f.StringVar(&dir, "dir", ".llorch", "directory for the control plane's data and the local edge's state")
 	f.StringVar(&cfg.Listen, "listen", server.DefaultListen, "address of the TLS port")
+	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", cfg.HeartbeatInterval, "heartbeat interval edges are told to use")
+	f.DurationVar(&cfg.OfflineAfter, "offline-after", cfg.OfflineAfter, "a node silent this long is offline")
 	f.StringArrayVar(&cfg.SANs, "san", nil, "extra DNS name or IP for the server certificate (repeatable)")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/llorch/llorch/certs"
+	"github.com/llorch/llorch/control/registry"
 	"github.com/llorch/llorch/internal/clock"
 )
 
@@ -31,6 +32,10 @@ type Config struct {
 	TrustDomain string
 	// NodeCertLifetime is how long node certificates last; 0: 24h.
 	NodeCertLifetime time.Duration
+	// HeartbeatInterval is what edges are told; 0: 10s.
+	HeartbeatInterval time.Duration
+	// OfflineAfter is how long a node may be silent before it is offline; 0: 30s.
+	OfflineAfter time.Duration
 	// AdvertiseURL is the URL edges are told to use; empty: https://<Listen>
 	// when Listen names a host, else the URL the edge enrolled with.
 	AdvertiseURL string
@@ -46,9 +51,11 @@ type Config struct {
 // DefaultConfig returns a Config with every default filled in except DataDir.
 func DefaultConfig() Config {
 	return Config{
-		Listen:           DefaultListen,
-		TrustDomain:      DefaultTrustDomain,
-		NodeCertLifetime: DefaultNodeCertLifetime,
+		Listen:            DefaultListen,
+		TrustDomain:       DefaultTrustDomain,
+		NodeCertLifetime:  DefaultNodeCertLifetime,
+		HeartbeatInterval: registry.DefaultHeartbeatInterval,
+		OfflineAfter:      registry.DefaultOfflineAfter,
 	}
 }
 
@@ -72,6 +79,9 @@ func (c Config) Validate() error {
 	}
 	if c.NodeCertLifetime != 0 && (c.NodeCertLifetime < 5*time.Minute || c.NodeCertLifetime > 30*24*time.Hour) {
 		return fmt.Errorf("node certificate lifetime %s: must be between 5m and 720h", c.NodeCertLifetime)
+	}
+	if err := (registry.Config{HeartbeatInterval: c.HeartbeatInterval, OfflineAfter: c.OfflineAfter}).Validate(); err != nil {
+		return err
 	}
 	if c.APIToken != "" && len(c.APIToken) < 16 {
 		return errors.New("LLORCH_API_TOKEN is too short: use at least 16 random characters (e.g. openssl rand -hex 32)")

@@ -20,6 +20,7 @@ import (
 	connectcors "connectrpc.com/cors"
 	"connectrpc.com/grpchealth"
 	"connectrpc.com/grpcreflect"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/cors"
 	"golang.org/x/net/http2"
 
@@ -27,7 +28,9 @@ import (
 	"github.com/llorch/llorch/control/api"
 	"github.com/llorch/llorch/control/authz"
 	"github.com/llorch/llorch/control/enroll"
+	"github.com/llorch/llorch/control/metrics"
 	"github.com/llorch/llorch/control/pki"
+	"github.com/llorch/llorch/control/registry"
 	"github.com/llorch/llorch/control/store"
 	"github.com/llorch/llorch/internal/clock"
 	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
@@ -43,6 +46,8 @@ type Server struct {
 	lock      *os.File
 	store     *store.Store
 	ca        *pki.Authority
+	registry  *registry.Registry
+	metrics   *metrics.Metrics
 	public    net.Listener
 	local     net.Listener
 	publicSrv *http.Server
@@ -94,6 +99,18 @@ func (s *Server) open(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	s.metrics = metrics.New()
+	s.registry = registry.New(registry.Config{
+		Store:             s.store,
+		HeartbeatInterval: cfg.HeartbeatInterval,
+		OfflineAfter:      cfg.OfflineAfter,
+		Clock:             cfg.Clock,
+		Logger:            cfg.Logger.With("component", "registry"),
+		Metrics:           s.metrics,
+	})
+	if err := s.registry.Load(ctx); err != nil {
+		return err
+	}
 	if s.public, err = net.Listen("tcp", cfg.Listen); err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
@@ -113,6 +130,9 @@ func (s *Server) open(ctx context.Context) (err error) {
 	if err := http2.ConfigureServer(s.publicSrv, &http2.Server{
 		MaxConcurrentStreams: 250,
 		IdleTimeout:          5 * time.Minute,
+		// Pings find a dead path to an edge well before the offline threshold.
+		ReadIdleTimeout: cfg.HeartbeatInterval + 5*time.Second,
+		PingTimeout:     5 * time.Second,
 	}); err != nil {
 		return fmt.Errorf("configure HTTP/2: %w", err)
 	}
@@ -137,6 +157,8 @@ func (s *Server) handler() http.Handler {
 	handlers := api.New(api.Config{
 		Enroll:      enrollSvc,
 		Store:       s.store,
+		Registry:    s.registry,
+		Metrics:     s.metrics,
 		Roots:       []*x509.Certificate{s.ca.Root()},
 		TrustDomain: s.ca.TrustDomain(),
 		Fingerprint: s.ca.Fingerprint(),
@@ -163,7 +185,10 @@ func (s *Server) handler() http.Handler {
 	mux.Handle(llorchv1connect.NewNodeServiceHandler(handlers, opts...))
 	mux.Handle(llorchv1connect.NewAdminServiceHandler(handlers, opts...))
 	mux.Handle(llorchv1connect.NewInfoServiceHandler(handlers, opts...))
+	mux.Handle(llorchv1connect.NewSessionServiceHandler(handlers, opts...))
+	mux.Handle("/metrics", authz.AdminHTTP(promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{}), cfg.APIToken))
 	services := []string{
+		llorchv1connect.SessionServiceName,
 		llorchv1connect.EnrollServiceName,
 		llorchv1connect.NodeServiceName,
 		llorchv1connect.AdminServiceName,
@@ -199,6 +224,10 @@ func Policies() map[string]authz.Policy {
 		llorchv1connect.AdminServiceGetNodeProcedure:         authz.Admin,
 		llorchv1connect.AdminServiceRemoveNodeProcedure:      authz.Admin,
 		llorchv1connect.AdminServiceListEventsProcedure:      authz.Admin,
+		llorchv1connect.AdminServiceDrainNodeProcedure:       authz.Admin,
+		llorchv1connect.AdminServiceUndrainNodeProcedure:     authz.Admin,
+		llorchv1connect.AdminServiceWatchEventsProcedure:     authz.Admin,
+		llorchv1connect.SessionServiceConnectProcedure:       authz.Node,
 	}
 }
 
@@ -222,6 +251,9 @@ func (s *Server) Store() *store.Store { return s.store }
 
 // Run serves until ctx ends, then shuts down gracefully.
 func (s *Server) Run(ctx context.Context) error {
+	regCtx, stopRegistry := context.WithCancel(context.Background())
+	regDone := make(chan error, 1)
+	go func() { regDone <- s.registry.Run(regCtx) }()
 	errc := make(chan error, 2)
 	go func() { errc <- s.publicSrv.ServeTLS(s.public, "", "") }()
 	go func() { errc <- s.localSrv.Serve(s.local) }()
@@ -232,12 +264,26 @@ func (s *Server) Run(ctx context.Context) error {
 	case err = <-errc:
 		err = fmt.Errorf("serve: %w", err)
 	}
+	// Tell every edge to reconnect later, spread out, so the restart is no
+	// stampede; then wait for the sessions to end.
+	s.registry.DisconnectAll("control plane shutting down", reconnectSpread(len(s.registry.Nodes())))
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	s.publicSrv.Shutdown(shutdownCtx)
 	s.localSrv.Shutdown(shutdownCtx)
+	stopRegistry()
+	<-regDone
 	return err
 }
+
+// reconnectSpread is the window over which edges are told to come back after
+// a shutdown: about a millisecond per node, between 1s and 10s.
+func reconnectSpread(nodes int) time.Duration {
+	return min(max(time.Duration(nodes)*time.Millisecond, time.Second), 10*time.Second)
+}
+
+// Registry is the live fleet, for tests in the same process.
+func (s *Server) Registry() *registry.Registry { return s.registry }
 
 // Close releases everything New opened. Run's shutdown does not close the store; Close does.
 func (s *Server) Close() error {

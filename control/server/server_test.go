@@ -13,6 +13,7 @@ import (
 
 	"connectrpc.com/connect"
 	"golang.org/x/net/http2"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/llorch/llorch/certs"
@@ -393,3 +394,29 @@ func TestDataDirLocked(t *testing.T) {
 }
 
 func durationProto(d time.Duration) *durationpb.Duration { return durationpb.New(d) }
+
+// Every procedure of every service has a policy: forgetting one would refuse
+// it (default deny), which this catches before users do.
+func TestEveryProcedureHasAPolicy(t *testing.T) {
+	policies := server.Policies()
+	files := []protoreflect.FileDescriptor{
+		llorchv1.File_llorch_v1_enroll_proto, llorchv1.File_llorch_v1_node_proto, llorchv1.File_llorch_v1_admin_proto,
+		llorchv1.File_llorch_v1_info_proto, llorchv1.File_llorch_v1_session_proto,
+	}
+	n := 0
+	for _, f := range files {
+		for i := 0; i < f.Services().Len(); i++ {
+			svc := f.Services().Get(i)
+			for j := 0; j < svc.Methods().Len(); j++ {
+				proc := "/" + string(svc.FullName()) + "/" + string(svc.Methods().Get(j).Name())
+				if _, ok := policies[proc]; !ok {
+					t.Errorf("procedure %s has no policy", proc)
+				}
+				n++
+			}
+		}
+	}
+	if n != len(policies) {
+		t.Errorf("%d procedures, %d policies", n, len(policies))
+	}
+}

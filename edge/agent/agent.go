@@ -1,6 +1,6 @@
-// Package agent runs an enrolled edge: it checks in with the control plane as
-// its node and keeps its certificate renewed. (The long-lived session with
-// heartbeats builds on it.)
+// Package agent runs an enrolled edge: the session with the control plane
+// (registration, heartbeats with GPUs and engine pools, commands), the GPU
+// inventory, the engine handoff watcher, and certificate renewal.
 package agent
 
 import (
@@ -9,6 +9,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -16,24 +21,42 @@ import (
 	"github.com/llorch/llorch/certs"
 	"github.com/llorch/llorch/edge"
 	"github.com/llorch/llorch/edge/client"
+	"github.com/llorch/llorch/edge/gpu"
+	"github.com/llorch/llorch/edge/handoff"
 	"github.com/llorch/llorch/edge/renew"
+	"github.com/llorch/llorch/edge/session"
 	"github.com/llorch/llorch/edge/state"
 	"github.com/llorch/llorch/internal/clock"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
+	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
+	"github.com/llorch/llorch/internal/version"
 )
+
+// DefaultEnginesDir is where engine provisioners write handoff files.
+const DefaultEnginesDir = ".runtime/engines"
 
 // Config configures an agent.
 type Config struct {
-	StateDir string
-	Clock    clock.Clock  // nil: the wall clock
-	Logger   *slog.Logger // nil: discard
+	StateDir   string
+	EnginesDir string     // "": DefaultEnginesDir
+	GPUs       gpu.Source // nil: NVML
+	// BackoffMax bounds the reconnect backoff; 0: 10s.
+	BackoffMax time.Duration
+	Clock      clock.Clock  // nil: the wall clock
+	Logger     *slog.Logger // nil: discard
 }
 
 // Agent is an enrolled edge at work.
 type Agent struct {
-	cfg Config
-	id  *client.Identity
-	log *slog.Logger
+	cfg      Config
+	id       *client.Identity
+	log      *slog.Logger
+	draining atomic.Bool
+	renewNow chan struct{}
+	renewed  chan struct{}
+
+	mu   sync.Mutex
+	http *http.Client // replaced after each renewal, so new connections present the new certificate
 }
 
 // New returns an agent acting as id, a loaded and unexpired identity.
@@ -44,40 +67,142 @@ func New(cfg Config, id state.Identity) *Agent {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Agent{cfg: cfg, id: client.NewIdentity(id), log: cfg.Logger.With("node_id", id.NodeID)}
+	if cfg.EnginesDir == "" {
+		cfg.EnginesDir = DefaultEnginesDir
+	}
+	a := &Agent{cfg: cfg, id: client.NewIdentity(id), log: cfg.Logger.With("node_id", id.NodeID),
+		renewNow: make(chan struct{}, 1), renewed: make(chan struct{}, 1)}
+	a.http = client.HTTPClient(a.id)
+	return a
+}
+
+// httpClient is the client for new calls and sessions.
+func (a *Agent) httpClient() *http.Client {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.http
+}
+
+// useNewCertificate moves new connections to the renewed certificate and
+// has the session reconnect over one; the old connections are closed once idle.
+func (a *Agent) useNewCertificate() {
+	a.mu.Lock()
+	old := a.http
+	a.http = client.HTTPClient(a.id)
+	a.mu.Unlock()
+	select {
+	case a.renewed <- struct{}{}:
+	default:
+	}
+	go func() {
+		<-a.cfg.Clock.After(5 * time.Second)
+		old.CloseIdleConnections()
+	}()
+}
+
+func (a *Agent) nodeClient() llorchv1connect.NodeServiceClient {
+	return llorchv1connect.NewNodeServiceClient(a.httpClient(), a.id.Get().ControlURL)
 }
 
 // Identity is the identity in use.
 func (a *Agent) Identity() state.Identity { return a.id.Get() }
 
-// Run checks in and renews the certificate when due, until ctx ends or the
-// node can no longer act (revoked, expired).
+// Run holds the session, watches GPUs and engines and renews the certificate
+// until ctx ends (then it says goodbye) or the node can no longer act
+// (revoked, expired).
 func (a *Agent) Run(ctx context.Context) error {
-	nodes := client.NodeClient(a.id)
-	resp, err := nodes.WhoAmI(ctx, connect.NewRequest(&llorchv1.WhoAmIRequest{}))
-	if err != nil {
-		err = client.Explain(err)
-		if errors.Is(err, edge.ErrRevoked) || errors.Is(err, edge.ErrSuperseded) {
-			return err
-		}
-		// Unreachable is not fatal: renewal retries, and the session reconnects.
-		a.log.WarnContext(ctx, "check-in failed", "err", err)
-	} else {
-		a.log.InfoContext(ctx, "checked in", "name", resp.Msg.GetNode().GetName(), "control", a.id.Get().ControlURL, "certificate_not_after", a.id.Get().NotAfter())
+	gpus := a.cfg.GPUs
+	if gpus == nil {
+		gpus = gpu.NewNVML(a.log)
 	}
-	err = renew.Run(ctx, renew.Config{
-		Clock:  a.cfg.Clock,
-		Logger: a.log,
-		Current: func() (time.Time, time.Time) {
-			leaf := a.id.Get().Leaf()
-			return leaf.NotBefore, leaf.NotAfter
-		},
-		Renew: func(ctx context.Context) error { return a.Renew(ctx, nodes) },
-	})
-	if errors.Is(err, renew.ErrExpired) {
-		return fmt.Errorf("%w: %v", edge.ErrCertExpired, err)
+	defer gpus.Close()
+	if inv := gpus.Inventory(ctx); inv.Unavailable != "" {
+		a.log.Warn("no GPUs reported", "reason", inv.Unavailable)
+	}
+	watcher := handoff.New(handoff.Config{Dir: a.cfg.EnginesDir, Clock: a.cfg.Clock, Logger: a.log.With("component", "handoff")})
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	errc := make(chan error, 3)
+	wg.Add(3)
+	go func() { defer wg.Done(); errc <- watcher.Run(ctx) }()
+	go func() { defer wg.Done(); errc <- a.renewLoop(ctx) }()
+	go func() {
+		defer wg.Done()
+		hostname, _ := os.Hostname()
+		errc <- session.Run(ctx, session.Config{
+			Dial: func() session.Dialer {
+				return llorchv1connect.NewSessionServiceClient(a.httpClient(), a.id.Get().ControlURL)
+			},
+			System: &llorchv1.NodeSystem{Hostname: hostname, Os: runtime.GOOS, Arch: runtime.GOARCH, AgentVersion: version.Version},
+			Report: func(ctx context.Context) *llorchv1.NodeStatusReport {
+				pools, errs := poolReport(watcher.Snapshot(), a.draining.Load())
+				return &llorchv1.NodeStatusReport{GpuInventory: gpuReport(gpus.Inventory(ctx)), Pools: pools, HandoffErrors: errs, Draining: a.draining.Load()}
+			},
+			Changed:      watcher.Changed(),
+			Reconnect:    a.renewed,
+			OnRegistered: func(r *llorchv1.Registered) { a.draining.Store(r.GetDraining()) },
+			OnCommand:    a.command,
+			BackoffMax:   a.cfg.BackoffMax,
+			Clock:        a.cfg.Clock,
+			Logger:       a.log.With("component", "session"),
+		})
+	}()
+	err := <-errc
+	cancel()
+	wg.Wait()
+	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		return nil
 	}
 	return err
+}
+
+func (a *Agent) command(c *llorchv1.Command) {
+	switch c.GetKind() {
+	case llorchv1.CommandKind_COMMAND_KIND_DRAIN:
+		a.draining.Store(true)
+	case llorchv1.CommandKind_COMMAND_KIND_UNDRAIN:
+		a.draining.Store(false)
+	case llorchv1.CommandKind_COMMAND_KIND_RENEW_NOW:
+		select {
+		case a.renewNow <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// renewLoop renews when due, or at once when the control plane asks.
+func (a *Agent) renewLoop(ctx context.Context) error {
+	for {
+		loopCtx, stop := context.WithCancel(ctx)
+		errc := make(chan error, 1)
+		go func() {
+			errc <- renew.Run(loopCtx, renew.Config{
+				Clock:  a.cfg.Clock,
+				Logger: a.log.With("component", "renew"),
+				Current: func() (time.Time, time.Time) {
+					leaf := a.id.Get().Leaf()
+					return leaf.NotBefore, leaf.NotAfter
+				},
+				Renew: func(ctx context.Context) error { return a.Renew(ctx, a.nodeClient()) },
+			})
+		}()
+		select {
+		case err := <-errc:
+			stop()
+			if errors.Is(err, renew.ErrExpired) {
+				return fmt.Errorf("%w: %v", edge.ErrCertExpired, err)
+			}
+			return err
+		case <-a.renewNow:
+			stop()
+			<-errc
+			if err := a.Renew(ctx, a.nodeClient()); err != nil {
+				a.log.Warn("renewal asked by the control plane failed; the usual schedule goes on", "err", err)
+			}
+		}
+	}
 }
 
 // Renew makes a fresh key, has the control plane sign it, saves the new
@@ -122,6 +247,7 @@ func (a *Agent) Renew(ctx context.Context, nodes interface {
 		return fmt.Errorf("renew: %w", err)
 	}
 	a.id.Set(next)
+	a.useNewCertificate()
 	a.log.InfoContext(ctx, "certificate renewed", "serial", certs.SerialHex(leaf), "not_after", leaf.NotAfter)
 	return nil
 }

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"os"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -10,14 +11,21 @@ import (
 )
 
 func newRunCmd() *cobra.Command {
-	var dir, logFormat, logLevel string
+	var dir, enginesDir, logFormat, logLevel string
 	cmd := &cobra.Command{
 		Use:   "run",
-		Short: "Run the agent: check in with the control plane and keep the certificate renewed",
-		Long: `Run the agent as the enrolled node. It only ever dials out to the control plane
-and never listens on a port. It renews the node certificate at about 2/3 of its
-lifetime with a fresh key. If the certificate expired while the machine was
-offline, it says so and exits: enroll again with a new token.`,
+		Short: "Run the agent: hold the session with the control plane, report GPUs and engines, renew the certificate",
+		Long: `Run the agent as the enrolled node. It dials out to the control plane and holds
+one long-lived session over mutual TLS: it registers, then heartbeats with its
+GPU inventory (NVML) and its engine pools (handoff files in --engines-dir), and
+takes commands (drain, undrain, renew now, disconnect). It never listens on a
+port, so it works behind NAT. A lost session is retried with exponential
+backoff and full jitter.
+
+It renews the node certificate at about 2/3 of its lifetime with a fresh key.
+On SIGTERM or Ctrl-C it says goodbye, so the node is offline at once. If the
+certificate expired while the machine was offline, or the node was removed, it
+says so and exits: enroll again with a new token.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			logger, err := logging.New(cmd.ErrOrStderr(), logFormat, logLevel)
@@ -28,12 +36,20 @@ offline, it says so and exits: enroll again with a new token.`,
 			if err != nil {
 				return err
 			}
-			a := agent.New(agent.Config{StateDir: dir, Logger: logger}, id)
+			a := agent.New(agent.Config{StateDir: dir, EnginesDir: enginesDir, Logger: logger}, id)
 			return a.Run(cmd.Context())
 		},
 	}
 	addStateFlag(cmd, &dir)
+	cmd.Flags().StringVar(&enginesDir, "engines-dir", envOrDefault("LLORCH_ENGINES_DIR", agent.DefaultEnginesDir), "directory of engine handoff files (*.json) [LLORCH_ENGINES_DIR]")
 	cmd.Flags().StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd
+}
+
+func envOrDefault(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
 }
