@@ -107,6 +107,7 @@ type Registry struct {
 	mu        sync.Mutex
 	nodes     map[string]*entry
 	startedAt time.Time
+	stopping  bool // shutting down: silence is ours, not the nodes'
 
 	writes chan control.StatusChange
 	wg     sync.WaitGroup
@@ -210,6 +211,10 @@ func (r *Registry) Run(ctx context.Context) error {
 // Sweep moves nodes that have been silent too long to offline.
 func (r *Registry) Sweep(now time.Time) {
 	r.mu.Lock()
+	if r.stopping {
+		r.mu.Unlock()
+		return
+	}
 	for id, e := range r.nodes {
 		switch e.node.Status {
 		case control.StatusOnline, control.StatusDisconnected:
@@ -463,10 +468,12 @@ func (r *Registry) RenewNow(id string) error {
 
 // DisconnectAll closes every session with a retry hint spread uniformly over
 // [0, spread), so that edges come back spread out rather than all at once.
-// It is called when the control plane shuts down.
+// It is called when the control plane shuts down, and stops sweeping: from
+// then on a node's silence is the control plane's doing.
 func (r *Registry) DisconnectAll(reason string, spread time.Duration) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.stopping = true
 	for _, e := range r.nodes {
 		if e.session == nil {
 			continue

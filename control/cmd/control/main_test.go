@@ -63,6 +63,12 @@ func run(tb testing.TB, name string, args ...string) result {
 func serve(tb testing.TB, data string) (*exec.Cmd, string) {
 	tb.Helper()
 	cmd := exec.Command(filepath.Join(bin, "control"), "serve", "--data", data, "--listen", "127.0.0.1:0")
+	return cmd, startServe(tb, cmd)
+}
+
+// startServe starts a `control serve` command and returns its URL once it listens.
+func startServe(tb testing.TB, cmd *exec.Cmd) string {
+	tb.Helper()
 	cmd.Env = append(os.Environ(), "LLORCH_API_TOKEN=")
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -84,10 +90,10 @@ func serve(tb testing.TB, data string) (*exec.Cmd, string) {
 	}()
 	select {
 	case u := <-urls:
-		return cmd, u
+		return u
 	case <-time.After(30 * time.Second):
 		tb.Fatal("control serve did not start listening")
-		return nil, ""
+		return ""
 	}
 }
 

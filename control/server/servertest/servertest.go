@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"testing"
 	"time"
 
@@ -24,7 +25,12 @@ type Server struct {
 	*server.Server
 	Config server.Config
 	Admin  llorchv1connect.AdminServiceClient
+	stop   func()
 }
+
+// Stop shuts the control plane down gracefully (as SIGTERM does); the test's
+// cleanup does it otherwise. Stopping twice is fine.
+func (s *Server) Stop() { s.stop() }
 
 // Start runs a control plane until the test ends. edit, if not nil, changes
 // the configuration first (DataDir and Listen are already set).
@@ -51,14 +57,18 @@ func StartConfig(tb testing.TB, cfg server.Config) *Server {
 	}
 	done := make(chan error, 1)
 	go func() { done <- srv.Run(ctx) }()
-	tb.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil && !errors.Is(err, http.ErrServerClosed) {
-			tb.Errorf("control plane: %v", err)
-		}
-		srv.Close()
-	})
-	return &Server{Server: srv, Config: cfg, Admin: AdminClient(cfg.DataDir)}
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil && !errors.Is(err, http.ErrServerClosed) {
+				tb.Errorf("control plane: %v", err)
+			}
+			srv.Close()
+		})
+	}
+	tb.Cleanup(stop)
+	return &Server{Server: srv, Config: cfg, Admin: AdminClient(cfg.DataDir), stop: stop}
 }
 
 // AdminClient talks to the control plane of dataDir through its socket.

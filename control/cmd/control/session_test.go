@@ -1,0 +1,134 @@
+package main_test
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+type node struct {
+	ID           string `json:"id"`
+	Name         string `json:"name"`
+	Status       string `json:"status"`
+	StatusReason string `json:"status_reason"`
+}
+
+func nodeStatus(tb testing.TB, data, id string) node {
+	tb.Helper()
+	r := run(tb, "control", "node", "show", id, "--json", "--data", data)
+	var n node
+	if err := json.Unmarshal([]byte(r.stdout), &n); err != nil {
+		tb.Fatalf("node show: %v: %+v", err, r)
+	}
+	return n
+}
+
+func waitStatus(tb testing.TB, data, id, want string, within time.Duration) time.Duration {
+	tb.Helper()
+	start := time.Now()
+	for time.Since(start) < within {
+		if nodeStatus(tb, data, id).Status == want {
+			return time.Since(start)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	tb.Fatalf("node %s not %s within %s (now %+v)", id, want, within, nodeStatus(tb, data, id))
+	return 0
+}
+
+// listeningSockets returns the TCP/UDP sockets in LISTEN state that process
+// pid holds, read from /proc like `ss -ltnp` does.
+func listeningSockets(tb testing.TB, pid int) []string {
+	tb.Helper()
+	inodes := map[string]bool{}
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, fd := range fds {
+		link, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
+		if err == nil && strings.HasPrefix(link, "socket:[") {
+			inodes[strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]")] = true
+		}
+	}
+	var listening []string
+	for _, table := range []string{"tcp", "tcp6"} {
+		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, table))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(data), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) > 9 && f[3] == "0A" && inodes[f[9]] { // 0A = LISTEN
+				listening = append(listening, table+" "+f[1])
+			}
+		}
+	}
+	return listening
+}
+
+func TestEdgeSessionAsProcesses(t *testing.T) {
+	work := t.TempDir()
+	data := filepath.Join(work, "data")
+	cmd := exec.Command(filepath.Join(bin, "control"), "serve", "--data", data, "--listen", "127.0.0.1:0", "--heartbeat-interval", "1s", "--offline-after", "3s")
+	url := startServe(t, cmd)
+
+	token := oneLine(t, "token create", run(t, "control", "token", "create", "--data", data, "--name", "gpu-1").stdout)
+	state := filepath.Join(work, "state")
+	if r := run(t, "edge", "enroll", "--token", token, "--control", url, "--state", state); r.code != 0 {
+		t.Fatalf("enroll: %+v", r)
+	}
+	var id struct {
+		NodeID string `json:"node_id"`
+	}
+	raw, _ := os.ReadFile(filepath.Join(state, "current", "identity.json"))
+	json.Unmarshal(raw, &id)
+
+	edgeRun := func() *exec.Cmd {
+		c := exec.Command(filepath.Join(bin, "edge"), "run", "--state", state, "--engines-dir", filepath.Join(work, "engines"))
+		c.Stderr = os.Stderr
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Process.Kill(); c.Wait() })
+		return c
+	}
+	edge := edgeRun()
+	waitStatus(t, data, id.NodeID, "online", 5*time.Second)
+	if l := listeningSockets(t, edge.Process.Pid); len(l) > 0 {
+		t.Fatalf("the edge listens: %v", l)
+	}
+
+	// kill -9: offline within the threshold plus one interval.
+	edge.Process.Signal(syscall.SIGKILL)
+	edge.Wait()
+	took := waitStatus(t, data, id.NodeID, "offline", 3*time.Second+time.Second+500*time.Millisecond)
+	t.Logf("offline %s after kill -9", took.Round(10*time.Millisecond))
+
+	// Restart: same node, back online, no new enrollment.
+	edge = edgeRun()
+	waitStatus(t, data, id.NodeID, "online", 5*time.Second)
+
+	// SIGTERM: goodbye, offline at once with reason shutdown, exit 0.
+	edge.Process.Signal(syscall.SIGTERM)
+	took = waitStatus(t, data, id.NodeID, "offline", 2*time.Second)
+	if err := edge.Wait(); err != nil {
+		t.Errorf("edge run after SIGTERM: %v, want exit 0", err)
+	}
+	if n := nodeStatus(t, data, id.NodeID); n.StatusReason != "shutdown" {
+		t.Errorf("reason %q, want shutdown", n.StatusReason)
+	}
+	t.Logf("offline %s after SIGTERM", took.Round(10*time.Millisecond))
+	list := run(t, "control", "node", "list", "--json", "--data", data)
+	var nodes []node
+	json.Unmarshal([]byte(list.stdout), &nodes)
+	if len(nodes) != 1 {
+		t.Fatalf("%d nodes, want 1: %s", len(nodes), list.stdout)
+	}
+}

@@ -1,0 +1,365 @@
+package registry_test
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/llorch/llorch/control"
+	"github.com/llorch/llorch/control/registry"
+	"github.com/llorch/llorch/control/store"
+	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
+	"github.com/llorch/llorch/internal/clock"
+)
+
+// countingStore counts the writes that reach the real store.
+type countingStore struct {
+	*store.Store
+	statusWrites, lastSeenWrites atomic.Int64
+}
+
+func (c *countingStore) SetNodeStatuses(ctx context.Context, ch []control.StatusChange, now time.Time) error {
+	c.statusWrites.Add(1)
+	return c.Store.SetNodeStatuses(ctx, ch, now)
+}
+
+func (c *countingStore) UpdateLastSeen(ctx context.Context, seen map[string]time.Time) error {
+	if len(seen) > 0 {
+		c.lastSeenWrites.Add(1)
+	}
+	return c.Store.UpdateLastSeen(ctx, seen)
+}
+
+type env struct {
+	st    *countingStore
+	clock *clock.Fake
+	reg   *registry.Registry
+	dir   string
+}
+
+const (
+	interval = time.Second
+	offline  = 3 * time.Second
+)
+
+func openStore(tb testing.TB, dir string) *countingStore {
+	tb.Helper()
+	st, err := store.Open(context.Background(), filepath.Join(dir, "llorch.db"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { st.Close() })
+	return &countingStore{Store: st}
+}
+
+// newEnv is a registry over a real store on a fake clock, with nodes enrolled.
+func newEnv(tb testing.TB, nodes ...string) *env {
+	tb.Helper()
+	dir := tb.TempDir()
+	e := &env{st: openStore(tb, dir), clock: clock.NewFake(time.Now()), dir: dir}
+	ctx := context.Background()
+	for i, id := range nodes {
+		tokID := strings.Repeat(string(rune('a'+i)), 12)
+		hash := make([]byte, 32)
+		if err := e.st.CreateToken(ctx, control.JoinToken{ID: tokID, SecretHash: hash, CreatedAt: e.clock.Now(), ExpiresAt: e.clock.Now().Add(time.Hour), MaxUses: 1}); err != nil {
+			tb.Fatal(err)
+		}
+		if err := e.st.EnrollNode(ctx, tokID, hash, e.clock.Now(), control.Node{ID: id, Name: id, CertSerial: "01", CertNotAfter: e.clock.Now().Add(24 * time.Hour)}); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	e.reg = e.start(tb)
+	return e
+}
+
+// start loads a registry from the store and runs it until the test ends.
+func (e *env) start(tb testing.TB) *registry.Registry {
+	tb.Helper()
+	reg := registry.New(registry.Config{Store: e.st, HeartbeatInterval: interval, OfflineAfter: offline, Clock: e.clock})
+	if err := reg.Load(context.Background()); err != nil {
+		tb.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { reg.Run(ctx); close(done) }()
+	tb.Cleanup(func() { cancel(); <-done })
+	return reg
+}
+
+func (e *env) status(tb testing.TB, id string) control.NodeStatus {
+	tb.Helper()
+	v, ok := e.reg.Node(id)
+	if !ok {
+		tb.Fatalf("node %s not in the registry", id)
+	}
+	return v.Status
+}
+
+// waitEvent polls the store until an event with the reason appears.
+func (e *env) waitEvent(tb testing.TB, id, reason string) {
+	tb.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		evs, err := e.st.ListEvents(context.Background(), id, 50)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		for _, ev := range evs {
+			if strings.Contains(ev.Reason, reason) {
+				return
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	tb.Fatalf("no event %q for node %s", reason, id)
+}
+
+func connect(tb testing.TB, reg *registry.Registry, id string) *registry.Session {
+	tb.Helper()
+	s, reply, err := reg.Connect(context.Background(), id, &llorchv1.NodeSystem{Hostname: id}, &llorchv1.NodeStatusReport{})
+	if err != nil {
+		tb.Fatalf("connect %s: %v", id, err)
+	}
+	if reply.GetHeartbeatInterval().AsDuration() != interval {
+		tb.Errorf("heartbeat interval %v, want %v", reply.GetHeartbeatInterval().AsDuration(), interval)
+	}
+	return s
+}
+
+func TestTransitions(t *testing.T) {
+	tests := []struct {
+		name   string
+		run    func(t *testing.T, e *env, s *registry.Session)
+		want   control.NodeStatus
+		reason string
+	}{
+		{"register", func(t *testing.T, e *env, s *registry.Session) {}, control.StatusOnline, "enrolled -> online: registered"},
+		{"heartbeats keep it online", func(t *testing.T, e *env, s *registry.Session) {
+			for range 10 {
+				e.clock.Advance(interval)
+				s.Heartbeat(nil)
+				e.reg.Sweep(e.clock.Now())
+			}
+		}, control.StatusOnline, "registered"},
+		{"silence past the threshold", func(t *testing.T, e *env, s *registry.Session) {
+			e.clock.Advance(offline)
+			e.reg.Sweep(e.clock.Now())
+			if got := e.status(t, "n1"); got != control.StatusOnline {
+				t.Fatalf("at exactly the threshold: %s, want still online", got)
+			}
+			e.clock.Advance(time.Millisecond)
+			e.reg.Sweep(e.clock.Now())
+		}, control.StatusOffline, "online -> offline: no heartbeat for 3s"},
+		{"heartbeat resumes", func(t *testing.T, e *env, s *registry.Session) {
+			e.clock.Advance(offline + time.Second)
+			e.reg.Sweep(e.clock.Now())
+			s.Heartbeat(nil)
+		}, control.StatusOnline, "offline -> online: heartbeat resumed"},
+		{"goodbye", func(t *testing.T, e *env, s *registry.Session) {
+			s.Close(true, "shutdown")
+		}, control.StatusOffline, "online -> offline: shutdown"},
+		{"stream lost", func(t *testing.T, e *env, s *registry.Session) {
+			s.Close(false, "session lost: connection closed")
+		}, control.StatusDisconnected, "online -> disconnected: session lost: connection closed"},
+		{"lost, then silent", func(t *testing.T, e *env, s *registry.Session) {
+			s.Close(false, "session lost")
+			e.clock.Advance(offline + time.Millisecond)
+			e.reg.Sweep(e.clock.Now())
+		}, control.StatusOffline, "disconnected -> offline: no heartbeat for 3s"},
+		{"lost, then back", func(t *testing.T, e *env, s *registry.Session) {
+			s.Close(false, "session lost")
+			connect(t, e.reg, "n1")
+		}, control.StatusOnline, "disconnected -> online: registered"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newEnv(t, "n1")
+			if got := e.status(t, "n1"); got != control.StatusEnrolled {
+				t.Fatalf("before connecting: %s", got)
+			}
+			s := connect(t, e.reg, "n1")
+			tt.run(t, e, s)
+			if got := e.status(t, "n1"); got != tt.want {
+				t.Fatalf("status %s, want %s", got, tt.want)
+			}
+			e.waitEvent(t, "n1", tt.reason)
+		})
+	}
+}
+
+func TestRestartGrace(t *testing.T) {
+	e := newEnv(t, "back", "gone", "never")
+	connect(t, e.reg, "back")
+	connect(t, e.reg, "gone")
+	e.waitEvent(t, "gone", "registered")
+
+	// The control plane restarts: a new registry on the same store.
+	reg := e.start(t)
+	e.reg = reg
+	for _, id := range []string{"back", "gone"} {
+		if got := e.status(t, id); got != control.StatusUnknown {
+			t.Fatalf("%s after restart: %s, want unknown", id, got)
+		}
+	}
+	if got := e.status(t, "never"); got != control.StatusEnrolled {
+		t.Fatalf("a node that never connected: %s, want enrolled", got)
+	}
+	e.waitEvent(t, "gone", "online -> unknown: control plane restarted")
+
+	// Inside the grace, silence is not the node's fault.
+	e.clock.Advance(registry.MinRestartGrace - time.Second)
+	reg.Sweep(e.clock.Now())
+	connect(t, reg, "back")
+	if got := e.status(t, "gone"); got != control.StatusUnknown {
+		t.Fatalf("inside the grace: %s, want unknown", got)
+	}
+	e.clock.Advance(2 * time.Second)
+	reg.Sweep(e.clock.Now())
+	if got := e.status(t, "gone"); got != control.StatusOffline {
+		t.Fatalf("after the grace: %s, want offline", got)
+	}
+	if got := e.status(t, "back"); got != control.StatusOnline {
+		t.Fatalf("reconnected node: %s, want online", got)
+	}
+	e.waitEvent(t, "gone", "unknown -> offline: not seen since the control plane restarted")
+}
+
+func TestDrainAndRemove(t *testing.T) {
+	e := newEnv(t, "n1")
+	s := connect(t, e.reg, "n1")
+	ctx := context.Background()
+	if _, err := e.reg.Drain(ctx, "n1", true, "maintenance"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case cmd := <-s.Commands():
+		if cmd.GetKind() != llorchv1.CommandKind_COMMAND_KIND_DRAIN || cmd.GetReason() != "maintenance" {
+			t.Fatalf("command %v, want DRAIN", cmd)
+		}
+	default:
+		t.Fatal("no command pushed to the session")
+	}
+	// Draining survives a restart.
+	e.reg = e.start(t)
+	if v, _ := e.reg.Node("n1"); !v.Draining {
+		t.Fatal("draining lost across a restart")
+	}
+	s = connect(t, e.reg, "n1")
+	if _, err := e.reg.Remove(ctx, "n1", "decommissioned"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-s.Context().Done():
+	default:
+		t.Fatal("the removed node's session is still open")
+	}
+	if _, ok := e.reg.Node("n1"); ok {
+		t.Fatal("removed node still in the registry")
+	}
+	if _, _, err := e.reg.Connect(ctx, "n1", nil, nil); !errors.Is(err, registry.ErrUnknownNode) {
+		t.Fatalf("connect after removal: %v, want ErrUnknownNode", err)
+	}
+}
+
+func TestNewestSessionWins(t *testing.T) {
+	e := newEnv(t, "n1")
+	old := connect(t, e.reg, "n1")
+	cur := connect(t, e.reg, "n1")
+	select {
+	case <-old.Context().Done():
+	default:
+		t.Fatal("the replaced session is still open")
+	}
+	if err := old.Heartbeat(nil); !errors.Is(err, registry.ErrSessionReplaced) {
+		t.Fatalf("heartbeat on the replaced session: %v", err)
+	}
+	old.Close(false, "late close of the old session")
+	if got := e.status(t, "n1"); got != control.StatusOnline {
+		t.Fatalf("closing the old session changed the status to %s", got)
+	}
+	if err := cur.Heartbeat(nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Heartbeats stay in memory: no store write per heartbeat, last-seen times
+// flushed in batches.
+func TestHeartbeatsDoNotWrite(t *testing.T) {
+	e := newEnv(t, "n1", "n2")
+	s1, s2 := connect(t, e.reg, "n1"), connect(t, e.reg, "n2")
+	e.waitEvent(t, "n2", "registered")
+	before := e.st.statusWrites.Load() + e.st.lastSeenWrites.Load()
+	for range 1000 {
+		s1.Heartbeat(nil)
+		s2.Heartbeat(nil)
+	}
+	if after := e.st.statusWrites.Load() + e.st.lastSeenWrites.Load(); after != before {
+		t.Fatalf("1000 heartbeats made %d store writes", after-before)
+	}
+	// The flush writes both nodes' last-seen times in one write.
+	e.clock.Advance(registry.DefaultFlushInterval)
+	deadline := time.Now().Add(5 * time.Second)
+	for e.st.lastSeenWrites.Load() == 0 && time.Now().Before(deadline) {
+		e.clock.Advance(500 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond)
+	}
+	n, err := e.st.GetNode(context.Background(), "n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n.LastSeen.IsZero() {
+		t.Fatal("last seen not flushed")
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	for _, c := range []registry.Config{
+		{HeartbeatInterval: 10 * time.Millisecond},
+		{HeartbeatInterval: 10 * time.Second, OfflineAfter: 15 * time.Second},
+		{HeartbeatInterval: time.Hour},
+	} {
+		if err := c.Validate(); err == nil {
+			t.Errorf("Validate(%+v) accepted", c)
+		}
+	}
+	if err := (registry.Config{HeartbeatInterval: time.Second, OfflineAfter: 3 * time.Second}).Validate(); err != nil {
+		t.Errorf("1s/3s: %v", err)
+	}
+}
+
+// BenchmarkHeartbeat is the control plane's per-heartbeat work once a
+// session is up: the registry update, with the real store behind it. It
+// reports heartbeats/s and the store writes made per heartbeat (0).
+func BenchmarkHeartbeat(b *testing.B) {
+	ids := make([]string, 1000)
+	for i := range ids {
+		ids[i] = "node-" + string(rune('a'+i%26)) + string(rune('a'+i/26%26)) + string(rune('a'+i/676))
+	}
+	e := newEnv(b, ids...)
+	sessions := make([]*registry.Session, len(ids))
+	for i, id := range ids {
+		sessions[i] = connect(b, e.reg, id)
+	}
+	report := &llorchv1.NodeStatusReport{GpuInventory: &llorchv1.GpuInventory{Gpus: []*llorchv1.Gpu{{Name: "A100"}}}}
+	time.Sleep(100 * time.Millisecond) // let the registrations' writes land before counting
+	before := e.st.statusWrites.Load() + e.st.lastSeenWrites.Load()
+	var i atomic.Int64
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			n := i.Add(1)
+			if err := sessions[n%int64(len(sessions))].Heartbeat(report); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	b.StopTimer()
+	writes := e.st.statusWrites.Load() + e.st.lastSeenWrites.Load() - before
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "heartbeats/s")
+	b.ReportMetric(float64(writes)/float64(b.N), "writes/heartbeat")
+}

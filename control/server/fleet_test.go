@@ -1,0 +1,288 @@
+package server_test
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/llorch/llorch/control/server"
+	"github.com/llorch/llorch/control/server/servertest"
+	"github.com/llorch/llorch/edge/agent"
+	"github.com/llorch/llorch/edge/gpu"
+	"github.com/llorch/llorch/edge/state"
+	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
+)
+
+const (
+	testInterval = 200 * time.Millisecond
+	testOffline  = 600 * time.Millisecond
+)
+
+func fastFleet(c *server.Config) { c.HeartbeatInterval, c.OfflineAfter = testInterval, testOffline }
+
+// fakeGPUs is a hand-written gpu.Source.
+type fakeGPUs struct{ inv gpu.Inventory }
+
+func (f fakeGPUs) Inventory(context.Context) gpu.Inventory { return f.inv }
+func (f fakeGPUs) Close() error                            { return nil }
+
+var twoGPUs = fakeGPUs{gpu.Inventory{DriverVersion: "550.54.15", CUDAVersion: "12.4", Devices: []gpu.Device{
+	{Index: 0, UUID: "GPU-0", Name: "NVIDIA L4", MemoryTotalBytes: 24 << 30},
+	{Index: 1, UUID: "GPU-1", Name: "NVIDIA L4", MemoryTotalBytes: 24 << 30},
+}}}
+
+type fleetEdge struct {
+	id      string
+	dir     string
+	engines string
+	url     string // where its agent dials
+	gpus    gpu.Source
+	cancel  context.CancelFunc
+	done    chan error
+}
+
+// newEdge enrolls an edge; via, if not empty, is the URL its agent dials
+// (a proxy in front of the control plane).
+func newEdge(tb testing.TB, srv *servertest.Server, name string, gpus gpu.Source, via string) *fleetEdge {
+	tb.Helper()
+	res, dir, err := enrollEdge(tb, srv, srv.Token(tb, &llorchv1.CreateJoinTokenRequest{Name: name}))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	e := &fleetEdge{id: res.Identity.NodeID, dir: dir, engines: filepath.Join(dir, "engines"), url: via, gpus: gpus}
+	e.start(tb)
+	return e
+}
+
+// start runs the agent from the identity on disk, as `edge run` does.
+func (e *fleetEdge) start(tb testing.TB) {
+	tb.Helper()
+	id, err := state.Load(e.dir)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if e.url != "" {
+		id.ControlURL = e.url
+	}
+	a := agent.New(agent.Config{StateDir: e.dir, EnginesDir: e.engines, GPUs: e.gpus, BackoffMax: time.Second}, id)
+	ctx, cancel := context.WithCancel(context.Background())
+	e.cancel, e.done = cancel, make(chan error, 1)
+	go func() { e.done <- a.Run(ctx) }()
+	tb.Cleanup(e.stop)
+}
+
+// stop is SIGTERM: the agent says goodbye and returns.
+func (e *fleetEdge) stop() {
+	if e.cancel != nil {
+		e.cancel()
+		<-e.done
+		e.cancel = nil
+	}
+}
+
+// waitNode polls the node until ok says yes, or fails after within.
+func waitNode(tb testing.TB, srv *servertest.Server, id string, within time.Duration, what string, ok func(*llorchv1.Node) bool) *llorchv1.Node {
+	tb.Helper()
+	deadline := time.Now().Add(within)
+	var last *llorchv1.Node
+	for time.Now().Before(deadline) {
+		resp, err := srv.Admin.GetNode(context.Background(), connect.NewRequest(&llorchv1.GetNodeRequest{Id: id}))
+		if err == nil {
+			last = resp.Msg.GetNode()
+			if ok(last) {
+				return last
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	tb.Fatalf("node %s: not %s within %s; last seen as %v", id, what, within, last)
+	return nil
+}
+
+func is(s llorchv1.NodeStatus) func(*llorchv1.Node) bool {
+	return func(n *llorchv1.Node) bool { return n.GetStatus() == s }
+}
+
+func events(tb testing.TB, srv *servertest.Server, id string) []*llorchv1.Event {
+	tb.Helper()
+	resp, err := srv.Admin.ListEvents(context.Background(), connect.NewRequest(&llorchv1.ListEventsRequest{NodeId: id, Limit: 1000}))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return resp.Msg.GetEvents()
+}
+
+func countEvents(evs []*llorchv1.Event, kind, reason string) int {
+	n := 0
+	for _, e := range evs {
+		if e.GetKind() == kind && strings.Contains(e.GetReason(), reason) {
+			n++
+		}
+	}
+	return n
+}
+
+func TestFleetOnlineWithGPUsAndPools(t *testing.T) {
+	srv := servertest.Start(t, fastFleet)
+	edges := []*fleetEdge{
+		newEdge(t, srv, "gpu-1", twoGPUs, ""),
+		newEdge(t, srv, "gpu-2", twoGPUs, ""),
+		newEdge(t, srv, "gpu-3", fakeGPUs{gpu.Inventory{Unavailable: "NVML library not found"}}, ""),
+	}
+	for _, e := range edges {
+		waitNode(t, srv, e.id, 2*testInterval, "online", is(llorchv1.NodeStatus_NODE_STATUS_ONLINE))
+	}
+	n := waitNode(t, srv, edges[0].id, time.Second, "reporting GPUs", func(n *llorchv1.Node) bool { return len(n.GetGpuInventory().GetGpus()) == 2 })
+	if g := n.GetGpuInventory(); g.GetGpus()[1].GetUuid() != "GPU-1" || g.GetCudaVersion() != "12.4" {
+		t.Errorf("GPU inventory %v", g)
+	}
+	if n.GetSystem().GetHostname() == "" {
+		t.Error("no system info")
+	}
+	waitNode(t, srv, edges[2].id, time.Second, "saying why it has no GPUs", func(n *llorchv1.Node) bool {
+		return n.GetGpuInventory().GetUnavailable() == "NVML library not found"
+	})
+
+	// Handoff files: written, changed, broken, removed.
+	engine := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/health" {
+			w.Write([]byte(`{"status":"ok"}`))
+			return
+		}
+		http.NotFound(w, r)
+	}))
+	t.Cleanup(engine.Close)
+	e := edges[0]
+	os.MkdirAll(e.engines, 0o755)
+	write := func(name, body string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(e.engines, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("pool-a-r0.json", `{"pool_id":"pool-a","replica_id":"r0","engine":"llamacpp","engine_version":"b4000","url":"`+engine.URL+`","model":"qwen2.5-7b","slots":4}`)
+	pool := func(id string) func(*llorchv1.Node) *llorchv1.Pool {
+		return func(n *llorchv1.Node) *llorchv1.Pool {
+			for _, p := range n.GetPools() {
+				if p.GetId() == id {
+					return p
+				}
+			}
+			return nil
+		}
+	}
+	waitNode(t, srv, e.id, 3*time.Second, "showing a ready pool-a", func(n *llorchv1.Node) bool {
+		p := pool("pool-a")(n)
+		return p != nil && p.GetReady() && p.GetSlotsTotal() == 4 && p.GetModel() == "qwen2.5-7b"
+	})
+	write("pool-a-r0.json", `{"pool_id":"pool-a","replica_id":"r0","engine":"llamacpp","engine_version":"b4001","url":"`+engine.URL+`","model":"qwen2.5-7b","slots":8}`)
+	waitNode(t, srv, e.id, 3*time.Second, "showing the changed pool-a", func(n *llorchv1.Node) bool {
+		p := pool("pool-a")(n)
+		return p != nil && p.GetSlotsTotal() == 8 && p.GetEngineVersion() == "b4001"
+	})
+	write("broken.json", `{"pool_id": "pool-b",`)
+	waitNode(t, srv, e.id, 3*time.Second, "reporting the broken file while pool-a stays", func(n *llorchv1.Node) bool {
+		return len(n.GetHandoffErrors()) == 1 && n.GetHandoffErrors()[0].GetFile() == "broken.json" && pool("pool-a")(n) != nil
+	})
+	os.Remove(filepath.Join(e.engines, "pool-a-r0.json"))
+	waitNode(t, srv, e.id, 3*time.Second, "without pool-a", func(n *llorchv1.Node) bool { return pool("pool-a")(n) == nil })
+}
+
+func TestFleetLossGoodbyeAndReturn(t *testing.T) {
+	srv := servertest.Start(t, fastFleet)
+	proxy := servertest.NewProxy(t, srv.Addr().String())
+	cut := newEdge(t, srv, "behind-proxy", twoGPUs, proxy.URL())
+	leaving := newEdge(t, srv, "leaving", twoGPUs, "")
+	waitNode(t, srv, cut.id, 2*testInterval, "online", is(llorchv1.NodeStatus_NODE_STATUS_ONLINE))
+	waitNode(t, srv, leaving.id, 2*testInterval, "online", is(llorchv1.NodeStatus_NODE_STATUS_ONLINE))
+
+	// A partition (as kill -9 would look from here): offline within the
+	// threshold plus an interval.
+	proxy.Cut()
+	lost := time.Now()
+	waitNode(t, srv, cut.id, testOffline+2*testInterval, "offline", is(llorchv1.NodeStatus_NODE_STATUS_OFFLINE))
+	t.Logf("partitioned edge offline after %s", time.Since(lost).Round(time.Millisecond))
+	proxy.Heal()
+	waitNode(t, srv, cut.id, 3*time.Second, "back online", is(llorchv1.NodeStatus_NODE_STATUS_ONLINE))
+
+	// SIGTERM: a goodbye makes it offline at once, with the reason.
+	leaving.stop()
+	n := waitNode(t, srv, leaving.id, 100*time.Millisecond, "offline", is(llorchv1.NodeStatus_NODE_STATUS_OFFLINE))
+	if n.GetStatusReason() != "shutdown" {
+		t.Errorf("reason %q, want shutdown", n.GetStatusReason())
+	}
+	// Restarting it brings it back as the same node, with no new enrollment.
+	leaving.start(t)
+	waitNode(t, srv, leaving.id, 2*time.Second, "back online", is(llorchv1.NodeStatus_NODE_STATUS_ONLINE))
+	for _, e := range []*fleetEdge{cut, leaving} {
+		if got := countEvents(events(t, srv, e.id), "enrolled", ""); got != 1 {
+			t.Errorf("node %s enrolled %d times", e.id, got)
+		}
+	}
+	nodes, _ := srv.Admin.ListNodes(context.Background(), connect.NewRequest(&llorchv1.ListNodesRequest{}))
+	if len(nodes.Msg.GetNodes()) != 2 {
+		t.Errorf("%d nodes, want 2 (no duplicates)", len(nodes.Msg.GetNodes()))
+	}
+	// Every transition is an event with a reason.
+	evs := events(t, srv, cut.id)
+	for _, want := range []string{"-> offline: no heartbeat for", "offline -> online: registered"} {
+		if countEvents(evs, "status", want) == 0 {
+			t.Errorf("no event %q for the partitioned node", want)
+		}
+	}
+}
+
+func TestFleetSurvivesControlPlaneRestart(t *testing.T) {
+	srv := servertest.Start(t, fastFleet)
+	var edges []*fleetEdge
+	for _, name := range []string{"a", "b", "c"} {
+		edges = append(edges, newEdge(t, srv, name, twoGPUs, ""))
+	}
+	for _, e := range edges {
+		waitNode(t, srv, e.id, 2*testInterval, "online", is(llorchv1.NodeStatus_NODE_STATUS_ONLINE))
+	}
+	if _, err := srv.Admin.DrainNode(context.Background(), connect.NewRequest(&llorchv1.DrainNodeRequest{Id: edges[0].id, Reason: "maintenance"})); err != nil {
+		t.Fatal(err)
+	}
+	// Stopped for longer than the offline threshold, then back on the same
+	// address and data.
+	cfg := srv.Config
+	cfg.Listen = srv.Addr().String()
+	srv.Stop()
+	time.Sleep(3 * testOffline) // the downtime itself is what is tested
+	srv = servertest.StartConfig(t, cfg)
+	for _, e := range edges {
+		waitNode(t, srv, e.id, 15*time.Second, "online again", is(llorchv1.NodeStatus_NODE_STATUS_ONLINE))
+	}
+	waitNode(t, srv, edges[0].id, time.Second, "still draining", func(n *llorchv1.Node) bool { return n.GetDraining() })
+	for _, e := range edges {
+		if got := countEvents(events(t, srv, e.id), "status", "-> offline"); got != 0 {
+			t.Errorf("node %s was reported offline %d times because of the control plane's downtime", e.id, got)
+		}
+	}
+}
+
+func TestRemovedEdgeStops(t *testing.T) {
+	srv := servertest.Start(t, fastFleet)
+	e := newEdge(t, srv, "doomed", twoGPUs, "")
+	waitNode(t, srv, e.id, 2*testInterval, "online", is(llorchv1.NodeStatus_NODE_STATUS_ONLINE))
+	if _, err := srv.Admin.RemoveNode(context.Background(), connect.NewRequest(&llorchv1.RemoveNodeRequest{Id: e.id})); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-e.done:
+		if err == nil || !strings.Contains(err.Error(), "revoked") {
+			t.Fatalf("agent of a removed node returned %v, want a revoked error", err)
+		}
+		e.cancel = nil
+	case <-time.After(5 * time.Second):
+		t.Fatal("the agent of a removed node keeps running")
+	}
+}
