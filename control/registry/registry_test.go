@@ -12,8 +12,8 @@ import (
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/control/registry"
 	"github.com/llorch/llorch/control/store"
-	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 	"github.com/llorch/llorch/internal/clock"
+	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 )
 
 // countingStore counts the writes that reach the real store.
