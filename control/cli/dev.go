@@ -55,6 +55,8 @@ token made on the spot; later runs reuse its identity. Stop with Ctrl-C.`,
 			if err != nil {
 				return fmt.Errorf("local edge: %w", err)
 			}
+			// The local edge always dials this control plane, wherever it listens now.
+			res.Identity.ControlURL = srv.URL()
 			a := agent.New(agent.Config{StateDir: edgeDir, EnginesDir: filepath.Join(dir, "engines"), Logger: logger.With("component", "edge")}, res.Identity)
 			go func() { errc <- a.Run(ctx) }()
 

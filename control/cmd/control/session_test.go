@@ -1,6 +1,7 @@
 package main_test
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -130,5 +131,50 @@ func TestEdgeSessionAsProcesses(t *testing.T) {
 	json.Unmarshal([]byte(list.stdout), &nodes)
 	if len(nodes) != 1 {
 		t.Fatalf("%d nodes, want 1: %s", len(nodes), list.stdout)
+	}
+}
+
+// control dev is the README's first command: a control plane and one local
+// edge, online, and a restart reuses the edge's identity.
+func TestDev(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "dev")
+	for round := range 2 {
+		cmd := exec.Command(filepath.Join(bin, "control"), "dev", "--dir", dir, "--listen", "127.0.0.1:0")
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		nodeIDs := make(chan string, 1)
+		go func() {
+			sc := bufio.NewScanner(stdout)
+			for sc.Scan() {
+				if rest, ok := strings.CutPrefix(sc.Text(), "local edge: node "); ok {
+					nodeIDs <- strings.Fields(rest)[0]
+				}
+			}
+		}()
+		var id string
+		select {
+		case id = <-nodeIDs:
+		case <-time.After(30 * time.Second):
+			t.Fatal("control dev did not start its edge")
+		}
+		data := filepath.Join(dir, "control")
+		waitStatus(t, data, id, "online", 15*time.Second)
+		list := run(t, "control", "node", "list", "--json", "--data", data)
+		var nodes []node
+		json.Unmarshal([]byte(list.stdout), &nodes)
+		if len(nodes) != 1 {
+			t.Fatalf("round %d: %d nodes, want 1 (a restart must reuse the edge's identity)", round, len(nodes))
+		}
+		cmd.Process.Signal(syscall.SIGTERM)
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("control dev after SIGTERM: %v", err)
+		}
 	}
 }
