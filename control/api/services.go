@@ -227,12 +227,16 @@ func (s *Server) node(ctx context.Context, id string) (*llorchv1.Node, error) {
 	return s.live(n), nil
 }
 
+// live is a stored node with the registry's liveness over it: status, reason
+// and last seen from memory, and what the edge reported; everything else
+// (certificates, draining, labels) from the store.
 func (s *Server) live(n control.Node) *llorchv1.Node {
 	v, ok := s.cfg.Registry.Node(n.ID)
 	if !ok || n.Status == control.StatusRemoved {
 		return nodeToProto(n, s.cfg.TrustDomain)
 	}
-	out := nodeToProto(v.Node, s.cfg.TrustDomain)
+	n.Status, n.StatusReason, n.LastSeen = v.Status, v.StatusReason, v.LastSeen
+	out := nodeToProto(n, s.cfg.TrustDomain)
 	out.System = v.System
 	if r := v.Report; r != nil {
 		out.GpuInventory, out.Pools, out.HandoffErrors = r.GetGpuInventory(), r.GetPools(), r.GetHandoffErrors()

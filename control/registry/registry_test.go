@@ -5,6 +5,7 @@ import (
 	"errors"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -38,6 +39,7 @@ type env struct {
 	st    *countingStore
 	clock *clock.Fake
 	reg   *registry.Registry
+	stop  func() // stops reg, as the control plane's exit does
 	dir   string
 }
 
@@ -72,13 +74,17 @@ func newEnv(tb testing.TB, nodes ...string) *env {
 			tb.Fatal(err)
 		}
 	}
-	e.reg = e.start(tb)
+	e.restart(tb)
 	return e
 }
 
-// start loads a registry from the store and runs it until the test ends.
-func (e *env) start(tb testing.TB) *registry.Registry {
+// restart stops the running registry, if any, then loads a new one from the
+// store and runs it until the test ends: a control-plane restart.
+func (e *env) restart(tb testing.TB) {
 	tb.Helper()
+	if e.stop != nil {
+		e.stop()
+	}
 	reg := registry.New(registry.Config{Store: e.st, HeartbeatInterval: interval, OfflineAfter: offline, Clock: e.clock})
 	if err := reg.Load(context.Background()); err != nil {
 		tb.Fatal(err)
@@ -86,8 +92,9 @@ func (e *env) start(tb testing.TB) *registry.Registry {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { reg.Run(ctx); close(done) }()
-	tb.Cleanup(func() { cancel(); <-done })
-	return reg
+	var once sync.Once
+	e.reg, e.stop = reg, func() { once.Do(func() { cancel(); <-done }) }
+	tb.Cleanup(e.stop)
 }
 
 func (e *env) status(tb testing.TB, id string) control.NodeStatus {
@@ -198,8 +205,8 @@ func TestRestartGrace(t *testing.T) {
 	e.waitEvent(t, "gone", "registered")
 
 	// The control plane restarts: a new registry on the same store.
-	reg := e.start(t)
-	e.reg = reg
+	e.restart(t)
+	reg := e.reg
 	for _, id := range []string{"back", "gone"} {
 		if got := e.status(t, id); got != control.StatusUnknown {
 			t.Fatalf("%s after restart: %s, want unknown", id, got)
@@ -244,7 +251,7 @@ func TestDrainAndRemove(t *testing.T) {
 		t.Fatal("no command pushed to the session")
 	}
 	// Draining survives a restart.
-	e.reg = e.start(t)
+	e.restart(t)
 	if v, _ := e.reg.Node("n1"); !v.Draining {
 		t.Fatal("draining lost across a restart")
 	}
