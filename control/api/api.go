@@ -61,6 +61,8 @@ func errorToConnect(ctx context.Context, log *slog.Logger, err error) error {
 		errors.Is(err, control.ErrNotCurrentCert),
 		errors.Is(err, control.ErrPermissionDenied):
 		return connect.NewError(connect.CodePermissionDenied, err)
+	case errors.Is(err, registry.ErrNotConnected):
+		return connect.NewError(connect.CodeFailedPrecondition, err)
 	case errors.Is(err, control.ErrUnauthenticated):
 		return connect.NewError(connect.CodeUnauthenticated, err)
 	}

@@ -291,6 +291,11 @@ func (s *Server) WatchEvents(ctx context.Context, req *connect.Request[llorchv1.
 	if len(recent) > 0 {
 		after = recent[0].ID
 	}
+	// Send the headers now: a client (a browser over HTTP/1.1 especially)
+	// waits for them before it reads any event.
+	if err := stream.Send(nil); err != nil {
+		return nil
+	}
 	if backlog > 0 {
 		for i := len(recent) - 1; i >= 0; i-- {
 			if err := stream.Send(&llorchv1.WatchEventsResponse{Event: eventToProto(recent[i])}); err != nil {
@@ -319,4 +324,12 @@ func (s *Server) WatchEvents(ctx context.Context, req *connect.Request[llorchv1.
 
 func eventToProto(e control.Event) *llorchv1.Event {
 	return &llorchv1.Event{Id: e.ID, Time: timestamp(e.Time), NodeId: e.NodeID, Kind: e.Kind, Reason: e.Reason}
+}
+
+// RenewNodeCertificate asks a connected node to renew now.
+func (s *Server) RenewNodeCertificate(ctx context.Context, req *connect.Request[llorchv1.RenewNodeCertificateRequest]) (*connect.Response[llorchv1.RenewNodeCertificateResponse], error) {
+	if err := s.cfg.Registry.RenewNow(req.Msg.GetId()); err != nil {
+		return nil, s.fail(ctx, err)
+	}
+	return connect.NewResponse(&llorchv1.RenewNodeCertificateResponse{}), nil
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/llorch/llorch/certs"
 	"github.com/llorch/llorch/control/server"
+	"github.com/llorch/llorch/internal/apitoken"
 	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
 )
 
@@ -61,23 +62,13 @@ func (t *target) adminClient() (llorchv1connect.AdminServiceClient, error) {
 	}
 	tlsCfg := certs.PinnedTLSConfig(t.caFingerprint, u.Hostname())
 	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsCfg, ForceAttemptHTTP2: true}}
-	return llorchv1connect.NewAdminServiceClient(hc, t.server, connect.WithInterceptors(bearer(token))), nil
+	return llorchv1connect.NewAdminServiceClient(hc, t.server, connect.WithInterceptors(apitoken.Interceptor(token))), nil
 }
 
 func unencryptedHTTP2() *http.Protocols {
 	var p http.Protocols
 	p.SetUnencryptedHTTP2(true)
 	return &p
-}
-
-// bearer adds the API token to every request.
-func bearer(token string) connect.UnaryInterceptorFunc {
-	return func(next connect.UnaryFunc) connect.UnaryFunc {
-		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
-			req.Header().Set("Authorization", "Bearer "+token)
-			return next(ctx, req)
-		}
-	}
 }
 
 func envOr(key, def string) string {

@@ -18,7 +18,7 @@ import (
 
 func newNodeCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "node", Short: "List, inspect and remove nodes"}
-	cmd.AddCommand(newNodeListCmd(), newNodeShowCmd(), newNodeDrainCmd(true), newNodeDrainCmd(false), newNodeRemoveCmd(), newNodeEventsCmd())
+	cmd.AddCommand(newNodeListCmd(), newNodeShowCmd(), newNodeDrainCmd(true), newNodeDrainCmd(false), newNodeRenewCmd(), newNodeRemoveCmd(), newNodeEventsCmd())
 	return cmd
 }
 
@@ -424,4 +424,26 @@ func followEvents(cmd *cobra.Command, client llorchv1connect.AdminServiceClient,
 		return nil
 	}
 	return stream.Err()
+}
+
+func newNodeRenewCmd() *cobra.Command {
+	var t target
+	cmd := &cobra.Command{
+		Use:   "renew ID",
+		Short: "Ask a connected node to renew its certificate now",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			client, err := t.adminClient()
+			if err != nil {
+				return err
+			}
+			if _, err := client.RenewNodeCertificate(cmd.Context(), connect.NewRequest(&llorchv1.RenewNodeCertificateRequest{Id: args[0]})); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "asked node %s to renew its certificate\n", args[0])
+			return nil
+		},
+	}
+	t.addFlags(cmd)
+	return cmd
 }

@@ -360,8 +360,13 @@ func (r *Registry) updateGauges() {
 	r.metrics.SetNodes(counts)
 }
 
-// ErrUnknownNode says the registry has no such node (or it was removed).
-var ErrUnknownNode = errors.New("node is not registered")
+// Errors for operations on nodes.
+var (
+	// ErrUnknownNode: no such node, or it was removed.
+	ErrUnknownNode = errors.New("node is not registered")
+	// ErrNotConnected: the node has no session to push a command on.
+	ErrNotConnected = errors.New("node is not connected")
+)
 
 // Node returns the live view of one node.
 func (r *Registry) Node(id string) (View, bool) {
@@ -459,8 +464,11 @@ func (r *Registry) RenewNow(id string) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e, ok := r.nodes[id]
-	if !ok || e.session == nil {
-		return fmt.Errorf("node %s is not connected: %w", id, control.ErrNotFound)
+	if !ok {
+		return fmt.Errorf("node %s: %w", id, ErrUnknownNode)
+	}
+	if e.session == nil {
+		return fmt.Errorf("node %s: %w", id, ErrNotConnected)
 	}
 	e.session.send(&llorchv1.Command{Kind: llorchv1.CommandKind_COMMAND_KIND_RENEW_NOW, Reason: "requested by operator"})
 	return nil

@@ -2,6 +2,9 @@ package server_test
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -12,13 +15,18 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/llorch/llorch/certs"
 	"github.com/llorch/llorch/control/server"
 	"github.com/llorch/llorch/control/server/servertest"
 	"github.com/llorch/llorch/edge/agent"
 	"github.com/llorch/llorch/edge/gpu"
 	"github.com/llorch/llorch/edge/state"
+	"github.com/llorch/llorch/internal/apitoken"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
+	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
 )
+
+func certsSerial(id state.Identity) string { return certs.SerialHex(id.Leaf()) }
 
 const (
 	testInterval = 200 * time.Millisecond
@@ -284,5 +292,104 @@ func TestRemovedEdgeStops(t *testing.T) {
 		e.cancel = nil
 	case <-time.After(5 * time.Second):
 		t.Fatal("the agent of a removed node keeps running")
+	}
+}
+
+func TestRenewNowCommand(t *testing.T) {
+	srv := servertest.Start(t, fastFleet)
+	e := newEdge(t, srv, "renewing", twoGPUs, "")
+	n := waitNode(t, srv, e.id, 2*testInterval, "online", is(llorchv1.NodeStatus_NODE_STATUS_ONLINE))
+	old := n.GetCertificateSerial()
+	if _, err := srv.Admin.RenewNodeCertificate(context.Background(), connect.NewRequest(&llorchv1.RenewNodeCertificateRequest{Id: e.id})); err != nil {
+		t.Fatal(err)
+	}
+	// The edge renews, reconnects with the new certificate, which becomes current.
+	waitNode(t, srv, e.id, 5*time.Second, "on a renewed certificate", func(n *llorchv1.Node) bool {
+		return n.GetCertificateSerial() != old && n.GetStatus() == llorchv1.NodeStatus_NODE_STATUS_ONLINE
+	})
+	id, err := state.Load(e.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := certsSerial(id); got == old {
+		t.Fatal("the state directory still holds the old certificate")
+	}
+	e.stop()
+	_, err = srv.Admin.RenewNodeCertificate(context.Background(), connect.NewRequest(&llorchv1.RenewNodeCertificateRequest{Id: e.id}))
+	if connect.CodeOf(err) != connect.CodeFailedPrecondition {
+		t.Fatalf("renew of a disconnected node: %v, want failed precondition", err)
+	}
+}
+
+func TestWatchEventsOverGRPCWeb(t *testing.T) {
+	const token = "0123456789abcdef0123456789abcdef"
+	srv := servertest.Start(t, func(c *server.Config) { fastFleet(c); c.APIToken = token })
+	roots := x509.NewCertPool()
+	roots.AddCert(srv.Root())
+	// A browser speaks gRPC-web over HTTP/1.1 or HTTP/2.
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
+	admin := llorchv1connect.NewAdminServiceClient(hc, srv.URL(), connect.WithGRPCWeb(), connect.WithInterceptors(apitoken.Interceptor(token)))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := admin.WatchEvents(ctx, connect.NewRequest(&llorchv1.WatchEventsRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Close()
+	e := newEdge(t, srv, "watched", twoGPUs, "")
+	want := map[string]bool{"enrolled": false, "status": false}
+	for stream.Receive() {
+		ev := stream.Msg().GetEvent()
+		if ev.GetNodeId() == e.id {
+			want[ev.GetKind()] = true
+		}
+		if want["enrolled"] && want["status"] {
+			return
+		}
+	}
+	t.Fatalf("stream ended before the node's enrollment and status change: %v (%v)", stream.Err(), want)
+}
+
+func TestMetrics(t *testing.T) {
+	const token = "0123456789abcdef0123456789abcdef"
+	srv := servertest.Start(t, func(c *server.Config) { fastFleet(c); c.APIToken = token })
+	e := newEdge(t, srv, "measured", twoGPUs, "")
+	waitNode(t, srv, e.id, 2*testInterval, "online", is(llorchv1.NodeStatus_NODE_STATUS_ONLINE))
+	roots := x509.NewCertPool()
+	roots.AddCert(srv.Root())
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
+	get := func(tok string) (int, string) {
+		req, _ := http.NewRequest(http.MethodGet, srv.URL()+"/metrics", nil)
+		if tok != "" {
+			req.Header.Set("Authorization", "Bearer "+tok)
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body)
+	}
+	if code, _ := get(""); code != http.StatusUnauthorized {
+		t.Fatalf("/metrics without a token: %d, want 401", code)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		code, body := get(token)
+		if code != http.StatusOK {
+			t.Fatalf("/metrics: %d", code)
+		}
+		ok := true
+		for _, want := range []string{`llorch_nodes{status="online"} 1`, "llorch_sessions 1", `llorch_enrollments_total{result="ok"} 1`, `llorch_node_transitions_total{from="enrolled",to="online"} 1`, "llorch_heartbeats_total"} {
+			ok = ok && strings.Contains(body, want)
+		}
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/metrics lacks the fleet's figures:\n%s", body)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

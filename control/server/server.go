@@ -213,21 +213,22 @@ func (s *Server) handler() http.Handler {
 // Policies says who may call each procedure. A procedure not listed is refused.
 func Policies() map[string]authz.Policy {
 	return map[string]authz.Policy{
-		llorchv1connect.EnrollServiceEnrollProcedure:         authz.Public,
-		llorchv1connect.InfoServiceGetInfoProcedure:          authz.Public,
-		llorchv1connect.NodeServiceWhoAmIProcedure:           authz.Node,
-		llorchv1connect.NodeServiceRenewCertificateProcedure: authz.Node,
-		llorchv1connect.AdminServiceCreateJoinTokenProcedure: authz.Admin,
-		llorchv1connect.AdminServiceListJoinTokensProcedure:  authz.Admin,
-		llorchv1connect.AdminServiceRevokeJoinTokenProcedure: authz.Admin,
-		llorchv1connect.AdminServiceListNodesProcedure:       authz.Admin,
-		llorchv1connect.AdminServiceGetNodeProcedure:         authz.Admin,
-		llorchv1connect.AdminServiceRemoveNodeProcedure:      authz.Admin,
-		llorchv1connect.AdminServiceListEventsProcedure:      authz.Admin,
-		llorchv1connect.AdminServiceDrainNodeProcedure:       authz.Admin,
-		llorchv1connect.AdminServiceUndrainNodeProcedure:     authz.Admin,
-		llorchv1connect.AdminServiceWatchEventsProcedure:     authz.Admin,
-		llorchv1connect.SessionServiceConnectProcedure:       authz.Node,
+		llorchv1connect.EnrollServiceEnrollProcedure:              authz.Public,
+		llorchv1connect.InfoServiceGetInfoProcedure:               authz.Public,
+		llorchv1connect.NodeServiceWhoAmIProcedure:                authz.Node,
+		llorchv1connect.NodeServiceRenewCertificateProcedure:      authz.Node,
+		llorchv1connect.AdminServiceCreateJoinTokenProcedure:      authz.Admin,
+		llorchv1connect.AdminServiceListJoinTokensProcedure:       authz.Admin,
+		llorchv1connect.AdminServiceRevokeJoinTokenProcedure:      authz.Admin,
+		llorchv1connect.AdminServiceListNodesProcedure:            authz.Admin,
+		llorchv1connect.AdminServiceGetNodeProcedure:              authz.Admin,
+		llorchv1connect.AdminServiceRemoveNodeProcedure:           authz.Admin,
+		llorchv1connect.AdminServiceListEventsProcedure:           authz.Admin,
+		llorchv1connect.AdminServiceDrainNodeProcedure:            authz.Admin,
+		llorchv1connect.AdminServiceUndrainNodeProcedure:          authz.Admin,
+		llorchv1connect.AdminServiceRenewNodeCertificateProcedure: authz.Admin,
+		llorchv1connect.AdminServiceWatchEventsProcedure:          authz.Admin,
+		llorchv1connect.SessionServiceConnectProcedure:            authz.Node,
 	}
 }
 

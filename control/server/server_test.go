@@ -24,6 +24,7 @@ import (
 	"github.com/llorch/llorch/edge/client"
 	"github.com/llorch/llorch/edge/enroll"
 	"github.com/llorch/llorch/edge/state"
+	"github.com/llorch/llorch/internal/apitoken"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
 )
@@ -299,14 +300,7 @@ func TestAPIToken(t *testing.T) {
 	roots := x509.NewCertPool()
 	roots.AddCert(srv.Root())
 	hc := &http.Client{Transport: &http2.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
-	withToken := func(tok string) connect.ClientOption {
-		return connect.WithInterceptors(connect.UnaryInterceptorFunc(func(next connect.UnaryFunc) connect.UnaryFunc {
-			return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
-				req.Header().Set("Authorization", "Bearer "+tok)
-				return next(ctx, req)
-			}
-		}))
-	}
+	withToken := func(tok string) connect.ClientOption { return connect.WithInterceptors(apitoken.Interceptor(tok)) }
 	tests := []struct {
 		name  string
 		token string

@@ -206,6 +206,86 @@ func (x *UndrainNodeResponse) GetNode() *Node {
 	return nil
 }
 
+type RenewNodeCertificateRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenewNodeCertificateRequest) Reset() {
+	*x = RenewNodeCertificateRequest{}
+	mi := &file_llorch_v1_admin_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenewNodeCertificateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenewNodeCertificateRequest) ProtoMessage() {}
+
+func (x *RenewNodeCertificateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_admin_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenewNodeCertificateRequest.ProtoReflect.Descriptor instead.
+func (*RenewNodeCertificateRequest) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *RenewNodeCertificateRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type RenewNodeCertificateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenewNodeCertificateResponse) Reset() {
+	*x = RenewNodeCertificateResponse{}
+	mi := &file_llorch_v1_admin_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenewNodeCertificateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenewNodeCertificateResponse) ProtoMessage() {}
+
+func (x *RenewNodeCertificateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_v1_admin_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenewNodeCertificateResponse.ProtoReflect.Descriptor instead.
+func (*RenewNodeCertificateResponse) Descriptor() ([]byte, []int) {
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{5}
+}
+
 type WatchEventsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Empty: every node.
@@ -218,7 +298,7 @@ type WatchEventsRequest struct {
 
 func (x *WatchEventsRequest) Reset() {
 	*x = WatchEventsRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[4]
+	mi := &file_llorch_v1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -230,7 +310,7 @@ func (x *WatchEventsRequest) String() string {
 func (*WatchEventsRequest) ProtoMessage() {}
 
 func (x *WatchEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[4]
+	mi := &file_llorch_v1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -243,7 +323,7 @@ func (x *WatchEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEventsRequest.ProtoReflect.Descriptor instead.
 func (*WatchEventsRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{4}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *WatchEventsRequest) GetNodeId() string {
@@ -269,7 +349,7 @@ type WatchEventsResponse struct {
 
 func (x *WatchEventsResponse) Reset() {
 	*x = WatchEventsResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[5]
+	mi := &file_llorch_v1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -281,7 +361,7 @@ func (x *WatchEventsResponse) String() string {
 func (*WatchEventsResponse) ProtoMessage() {}
 
 func (x *WatchEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[5]
+	mi := &file_llorch_v1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -294,7 +374,7 @@ func (x *WatchEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEventsResponse.ProtoReflect.Descriptor instead.
 func (*WatchEventsResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *WatchEventsResponse) GetEvent() *Event {
@@ -319,7 +399,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[6]
+	mi := &file_llorch_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -331,7 +411,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[6]
+	mi := &file_llorch_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -344,7 +424,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CreateJoinTokenRequest) GetName() string {
@@ -386,7 +466,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[7]
+	mi := &file_llorch_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -398,7 +478,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[7]
+	mi := &file_llorch_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -411,7 +491,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CreateJoinTokenResponse) GetJoinToken() *JoinToken {
@@ -436,7 +516,7 @@ type ListJoinTokensRequest struct {
 
 func (x *ListJoinTokensRequest) Reset() {
 	*x = ListJoinTokensRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[8]
+	mi := &file_llorch_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -448,7 +528,7 @@ func (x *ListJoinTokensRequest) String() string {
 func (*ListJoinTokensRequest) ProtoMessage() {}
 
 func (x *ListJoinTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[8]
+	mi := &file_llorch_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -461,7 +541,7 @@ func (x *ListJoinTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJoinTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListJoinTokensRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 type ListJoinTokensResponse struct {
@@ -473,7 +553,7 @@ type ListJoinTokensResponse struct {
 
 func (x *ListJoinTokensResponse) Reset() {
 	*x = ListJoinTokensResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[9]
+	mi := &file_llorch_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -485,7 +565,7 @@ func (x *ListJoinTokensResponse) String() string {
 func (*ListJoinTokensResponse) ProtoMessage() {}
 
 func (x *ListJoinTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[9]
+	mi := &file_llorch_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -498,7 +578,7 @@ func (x *ListJoinTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJoinTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListJoinTokensResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListJoinTokensResponse) GetJoinTokens() []*JoinToken {
@@ -517,7 +597,7 @@ type RevokeJoinTokenRequest struct {
 
 func (x *RevokeJoinTokenRequest) Reset() {
 	*x = RevokeJoinTokenRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[10]
+	mi := &file_llorch_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -529,7 +609,7 @@ func (x *RevokeJoinTokenRequest) String() string {
 func (*RevokeJoinTokenRequest) ProtoMessage() {}
 
 func (x *RevokeJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[10]
+	mi := &file_llorch_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -542,7 +622,7 @@ func (x *RevokeJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RevokeJoinTokenRequest) GetId() string {
@@ -560,7 +640,7 @@ type RevokeJoinTokenResponse struct {
 
 func (x *RevokeJoinTokenResponse) Reset() {
 	*x = RevokeJoinTokenResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[11]
+	mi := &file_llorch_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -572,7 +652,7 @@ func (x *RevokeJoinTokenResponse) String() string {
 func (*RevokeJoinTokenResponse) ProtoMessage() {}
 
 func (x *RevokeJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[11]
+	mi := &file_llorch_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -585,7 +665,7 @@ func (x *RevokeJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 type ListNodesRequest struct {
@@ -596,7 +676,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[12]
+	mi := &file_llorch_v1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -608,7 +688,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[12]
+	mi := &file_llorch_v1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -621,7 +701,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 type ListNodesResponse struct {
@@ -633,7 +713,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[13]
+	mi := &file_llorch_v1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -645,7 +725,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[13]
+	mi := &file_llorch_v1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -658,7 +738,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{13}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -677,7 +757,7 @@ type GetNodeRequest struct {
 
 func (x *GetNodeRequest) Reset() {
 	*x = GetNodeRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[14]
+	mi := &file_llorch_v1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -689,7 +769,7 @@ func (x *GetNodeRequest) String() string {
 func (*GetNodeRequest) ProtoMessage() {}
 
 func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[14]
+	mi := &file_llorch_v1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -702,7 +782,7 @@ func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeRequest.ProtoReflect.Descriptor instead.
 func (*GetNodeRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{14}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetNodeRequest) GetId() string {
@@ -721,7 +801,7 @@ type GetNodeResponse struct {
 
 func (x *GetNodeResponse) Reset() {
 	*x = GetNodeResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[15]
+	mi := &file_llorch_v1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -733,7 +813,7 @@ func (x *GetNodeResponse) String() string {
 func (*GetNodeResponse) ProtoMessage() {}
 
 func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[15]
+	mi := &file_llorch_v1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -746,7 +826,7 @@ func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeResponse.ProtoReflect.Descriptor instead.
 func (*GetNodeResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{15}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GetNodeResponse) GetNode() *Node {
@@ -766,7 +846,7 @@ type RemoveNodeRequest struct {
 
 func (x *RemoveNodeRequest) Reset() {
 	*x = RemoveNodeRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[16]
+	mi := &file_llorch_v1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -778,7 +858,7 @@ func (x *RemoveNodeRequest) String() string {
 func (*RemoveNodeRequest) ProtoMessage() {}
 
 func (x *RemoveNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[16]
+	mi := &file_llorch_v1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -791,7 +871,7 @@ func (x *RemoveNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNodeRequest.ProtoReflect.Descriptor instead.
 func (*RemoveNodeRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{16}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RemoveNodeRequest) GetId() string {
@@ -817,7 +897,7 @@ type RemoveNodeResponse struct {
 
 func (x *RemoveNodeResponse) Reset() {
 	*x = RemoveNodeResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[17]
+	mi := &file_llorch_v1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -829,7 +909,7 @@ func (x *RemoveNodeResponse) String() string {
 func (*RemoveNodeResponse) ProtoMessage() {}
 
 func (x *RemoveNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[17]
+	mi := &file_llorch_v1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -842,7 +922,7 @@ func (x *RemoveNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNodeResponse.ProtoReflect.Descriptor instead.
 func (*RemoveNodeResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{17}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RemoveNodeResponse) GetNode() *Node {
@@ -864,7 +944,7 @@ type ListEventsRequest struct {
 
 func (x *ListEventsRequest) Reset() {
 	*x = ListEventsRequest{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[18]
+	mi := &file_llorch_v1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -876,7 +956,7 @@ func (x *ListEventsRequest) String() string {
 func (*ListEventsRequest) ProtoMessage() {}
 
 func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[18]
+	mi := &file_llorch_v1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -889,7 +969,7 @@ func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListEventsRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{18}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListEventsRequest) GetNodeId() string {
@@ -915,7 +995,7 @@ type ListEventsResponse struct {
 
 func (x *ListEventsResponse) Reset() {
 	*x = ListEventsResponse{}
-	mi := &file_llorch_v1_admin_proto_msgTypes[19]
+	mi := &file_llorch_v1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -927,7 +1007,7 @@ func (x *ListEventsResponse) String() string {
 func (*ListEventsResponse) ProtoMessage() {}
 
 func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_v1_admin_proto_msgTypes[19]
+	mi := &file_llorch_v1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -940,7 +1020,7 @@ func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListEventsResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{19}
+	return file_llorch_v1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListEventsResponse) GetEvents() []*Event {
@@ -963,7 +1043,10 @@ const file_llorch_v1_admin_proto_rawDesc = "" +
 	"\x12UndrainNodeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\":\n" +
 	"\x13UndrainNodeResponse\x12#\n" +
-	"\x04node\x18\x01 \x01(\v2\x0f.llorch.v1.NodeR\x04node\"G\n" +
+	"\x04node\x18\x01 \x01(\v2\x0f.llorch.v1.NodeR\x04node\"-\n" +
+	"\x1bRenewNodeCertificateRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x1e\n" +
+	"\x1cRenewNodeCertificateResponse\"G\n" +
 	"\x12WatchEventsRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
 	"\abacklog\x18\x02 \x01(\x05R\abacklog\"=\n" +
@@ -1004,7 +1087,7 @@ const file_llorch_v1_admin_proto_rawDesc = "" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
 	"\x05limit\x18\x02 \x01(\x05R\x05limit\">\n" +
 	"\x12ListEventsResponse\x12(\n" +
-	"\x06events\x18\x01 \x03(\v2\x10.llorch.v1.EventR\x06events2\x9f\x06\n" +
+	"\x06events\x18\x01 \x03(\v2\x10.llorch.v1.EventR\x06events2\x88\a\n" +
 	"\fAdminService\x12X\n" +
 	"\x0fCreateJoinToken\x12!.llorch.v1.CreateJoinTokenRequest\x1a\".llorch.v1.CreateJoinTokenResponse\x12U\n" +
 	"\x0eListJoinTokens\x12 .llorch.v1.ListJoinTokensRequest\x1a!.llorch.v1.ListJoinTokensResponse\x12X\n" +
@@ -1016,7 +1099,8 @@ const file_llorch_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"ListEvents\x12\x1c.llorch.v1.ListEventsRequest\x1a\x1d.llorch.v1.ListEventsResponse\x12F\n" +
 	"\tDrainNode\x12\x1b.llorch.v1.DrainNodeRequest\x1a\x1c.llorch.v1.DrainNodeResponse\x12L\n" +
-	"\vUndrainNode\x12\x1d.llorch.v1.UndrainNodeRequest\x1a\x1e.llorch.v1.UndrainNodeResponse\x12N\n" +
+	"\vUndrainNode\x12\x1d.llorch.v1.UndrainNodeRequest\x1a\x1e.llorch.v1.UndrainNodeResponse\x12g\n" +
+	"\x14RenewNodeCertificate\x12&.llorch.v1.RenewNodeCertificateRequest\x1a'.llorch.v1.RenewNodeCertificateResponse\x12N\n" +
 	"\vWatchEvents\x12\x1d.llorch.v1.WatchEventsRequest\x1a\x1e.llorch.v1.WatchEventsResponse0\x01B\x9a\x01\n" +
 	"\rcom.llorch.v1B\n" +
 	"AdminProtoP\x01Z8github.com/llorch/llorch/internal/gen/llorch/v1;llorchv1\xa2\x02\x03LXX\xaa\x02\tLlorch.V1\xca\x02\tLlorch\\V1\xe2\x02\x15Llorch\\V1\\GPBMetadata\xea\x02\n" +
@@ -1034,68 +1118,72 @@ func file_llorch_v1_admin_proto_rawDescGZIP() []byte {
 	return file_llorch_v1_admin_proto_rawDescData
 }
 
-var file_llorch_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_llorch_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_llorch_v1_admin_proto_goTypes = []any{
-	(*DrainNodeRequest)(nil),        // 0: llorch.v1.DrainNodeRequest
-	(*DrainNodeResponse)(nil),       // 1: llorch.v1.DrainNodeResponse
-	(*UndrainNodeRequest)(nil),      // 2: llorch.v1.UndrainNodeRequest
-	(*UndrainNodeResponse)(nil),     // 3: llorch.v1.UndrainNodeResponse
-	(*WatchEventsRequest)(nil),      // 4: llorch.v1.WatchEventsRequest
-	(*WatchEventsResponse)(nil),     // 5: llorch.v1.WatchEventsResponse
-	(*CreateJoinTokenRequest)(nil),  // 6: llorch.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil), // 7: llorch.v1.CreateJoinTokenResponse
-	(*ListJoinTokensRequest)(nil),   // 8: llorch.v1.ListJoinTokensRequest
-	(*ListJoinTokensResponse)(nil),  // 9: llorch.v1.ListJoinTokensResponse
-	(*RevokeJoinTokenRequest)(nil),  // 10: llorch.v1.RevokeJoinTokenRequest
-	(*RevokeJoinTokenResponse)(nil), // 11: llorch.v1.RevokeJoinTokenResponse
-	(*ListNodesRequest)(nil),        // 12: llorch.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),       // 13: llorch.v1.ListNodesResponse
-	(*GetNodeRequest)(nil),          // 14: llorch.v1.GetNodeRequest
-	(*GetNodeResponse)(nil),         // 15: llorch.v1.GetNodeResponse
-	(*RemoveNodeRequest)(nil),       // 16: llorch.v1.RemoveNodeRequest
-	(*RemoveNodeResponse)(nil),      // 17: llorch.v1.RemoveNodeResponse
-	(*ListEventsRequest)(nil),       // 18: llorch.v1.ListEventsRequest
-	(*ListEventsResponse)(nil),      // 19: llorch.v1.ListEventsResponse
-	nil,                             // 20: llorch.v1.CreateJoinTokenRequest.LabelsEntry
-	(*Node)(nil),                    // 21: llorch.v1.Node
-	(*Event)(nil),                   // 22: llorch.v1.Event
-	(*durationpb.Duration)(nil),     // 23: google.protobuf.Duration
-	(*JoinToken)(nil),               // 24: llorch.v1.JoinToken
+	(*DrainNodeRequest)(nil),             // 0: llorch.v1.DrainNodeRequest
+	(*DrainNodeResponse)(nil),            // 1: llorch.v1.DrainNodeResponse
+	(*UndrainNodeRequest)(nil),           // 2: llorch.v1.UndrainNodeRequest
+	(*UndrainNodeResponse)(nil),          // 3: llorch.v1.UndrainNodeResponse
+	(*RenewNodeCertificateRequest)(nil),  // 4: llorch.v1.RenewNodeCertificateRequest
+	(*RenewNodeCertificateResponse)(nil), // 5: llorch.v1.RenewNodeCertificateResponse
+	(*WatchEventsRequest)(nil),           // 6: llorch.v1.WatchEventsRequest
+	(*WatchEventsResponse)(nil),          // 7: llorch.v1.WatchEventsResponse
+	(*CreateJoinTokenRequest)(nil),       // 8: llorch.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil),      // 9: llorch.v1.CreateJoinTokenResponse
+	(*ListJoinTokensRequest)(nil),        // 10: llorch.v1.ListJoinTokensRequest
+	(*ListJoinTokensResponse)(nil),       // 11: llorch.v1.ListJoinTokensResponse
+	(*RevokeJoinTokenRequest)(nil),       // 12: llorch.v1.RevokeJoinTokenRequest
+	(*RevokeJoinTokenResponse)(nil),      // 13: llorch.v1.RevokeJoinTokenResponse
+	(*ListNodesRequest)(nil),             // 14: llorch.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),            // 15: llorch.v1.ListNodesResponse
+	(*GetNodeRequest)(nil),               // 16: llorch.v1.GetNodeRequest
+	(*GetNodeResponse)(nil),              // 17: llorch.v1.GetNodeResponse
+	(*RemoveNodeRequest)(nil),            // 18: llorch.v1.RemoveNodeRequest
+	(*RemoveNodeResponse)(nil),           // 19: llorch.v1.RemoveNodeResponse
+	(*ListEventsRequest)(nil),            // 20: llorch.v1.ListEventsRequest
+	(*ListEventsResponse)(nil),           // 21: llorch.v1.ListEventsResponse
+	nil,                                  // 22: llorch.v1.CreateJoinTokenRequest.LabelsEntry
+	(*Node)(nil),                         // 23: llorch.v1.Node
+	(*Event)(nil),                        // 24: llorch.v1.Event
+	(*durationpb.Duration)(nil),          // 25: google.protobuf.Duration
+	(*JoinToken)(nil),                    // 26: llorch.v1.JoinToken
 }
 var file_llorch_v1_admin_proto_depIdxs = []int32{
-	21, // 0: llorch.v1.DrainNodeResponse.node:type_name -> llorch.v1.Node
-	21, // 1: llorch.v1.UndrainNodeResponse.node:type_name -> llorch.v1.Node
-	22, // 2: llorch.v1.WatchEventsResponse.event:type_name -> llorch.v1.Event
-	23, // 3: llorch.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
-	20, // 4: llorch.v1.CreateJoinTokenRequest.labels:type_name -> llorch.v1.CreateJoinTokenRequest.LabelsEntry
-	24, // 5: llorch.v1.CreateJoinTokenResponse.join_token:type_name -> llorch.v1.JoinToken
-	24, // 6: llorch.v1.ListJoinTokensResponse.join_tokens:type_name -> llorch.v1.JoinToken
-	21, // 7: llorch.v1.ListNodesResponse.nodes:type_name -> llorch.v1.Node
-	21, // 8: llorch.v1.GetNodeResponse.node:type_name -> llorch.v1.Node
-	21, // 9: llorch.v1.RemoveNodeResponse.node:type_name -> llorch.v1.Node
-	22, // 10: llorch.v1.ListEventsResponse.events:type_name -> llorch.v1.Event
-	6,  // 11: llorch.v1.AdminService.CreateJoinToken:input_type -> llorch.v1.CreateJoinTokenRequest
-	8,  // 12: llorch.v1.AdminService.ListJoinTokens:input_type -> llorch.v1.ListJoinTokensRequest
-	10, // 13: llorch.v1.AdminService.RevokeJoinToken:input_type -> llorch.v1.RevokeJoinTokenRequest
-	12, // 14: llorch.v1.AdminService.ListNodes:input_type -> llorch.v1.ListNodesRequest
-	14, // 15: llorch.v1.AdminService.GetNode:input_type -> llorch.v1.GetNodeRequest
-	16, // 16: llorch.v1.AdminService.RemoveNode:input_type -> llorch.v1.RemoveNodeRequest
-	18, // 17: llorch.v1.AdminService.ListEvents:input_type -> llorch.v1.ListEventsRequest
+	23, // 0: llorch.v1.DrainNodeResponse.node:type_name -> llorch.v1.Node
+	23, // 1: llorch.v1.UndrainNodeResponse.node:type_name -> llorch.v1.Node
+	24, // 2: llorch.v1.WatchEventsResponse.event:type_name -> llorch.v1.Event
+	25, // 3: llorch.v1.CreateJoinTokenRequest.ttl:type_name -> google.protobuf.Duration
+	22, // 4: llorch.v1.CreateJoinTokenRequest.labels:type_name -> llorch.v1.CreateJoinTokenRequest.LabelsEntry
+	26, // 5: llorch.v1.CreateJoinTokenResponse.join_token:type_name -> llorch.v1.JoinToken
+	26, // 6: llorch.v1.ListJoinTokensResponse.join_tokens:type_name -> llorch.v1.JoinToken
+	23, // 7: llorch.v1.ListNodesResponse.nodes:type_name -> llorch.v1.Node
+	23, // 8: llorch.v1.GetNodeResponse.node:type_name -> llorch.v1.Node
+	23, // 9: llorch.v1.RemoveNodeResponse.node:type_name -> llorch.v1.Node
+	24, // 10: llorch.v1.ListEventsResponse.events:type_name -> llorch.v1.Event
+	8,  // 11: llorch.v1.AdminService.CreateJoinToken:input_type -> llorch.v1.CreateJoinTokenRequest
+	10, // 12: llorch.v1.AdminService.ListJoinTokens:input_type -> llorch.v1.ListJoinTokensRequest
+	12, // 13: llorch.v1.AdminService.RevokeJoinToken:input_type -> llorch.v1.RevokeJoinTokenRequest
+	14, // 14: llorch.v1.AdminService.ListNodes:input_type -> llorch.v1.ListNodesRequest
+	16, // 15: llorch.v1.AdminService.GetNode:input_type -> llorch.v1.GetNodeRequest
+	18, // 16: llorch.v1.AdminService.RemoveNode:input_type -> llorch.v1.RemoveNodeRequest
+	20, // 17: llorch.v1.AdminService.ListEvents:input_type -> llorch.v1.ListEventsRequest
 	0,  // 18: llorch.v1.AdminService.DrainNode:input_type -> llorch.v1.DrainNodeRequest
 	2,  // 19: llorch.v1.AdminService.UndrainNode:input_type -> llorch.v1.UndrainNodeRequest
-	4,  // 20: llorch.v1.AdminService.WatchEvents:input_type -> llorch.v1.WatchEventsRequest
-	7,  // 21: llorch.v1.AdminService.CreateJoinToken:output_type -> llorch.v1.CreateJoinTokenResponse
-	9,  // 22: llorch.v1.AdminService.ListJoinTokens:output_type -> llorch.v1.ListJoinTokensResponse
-	11, // 23: llorch.v1.AdminService.RevokeJoinToken:output_type -> llorch.v1.RevokeJoinTokenResponse
-	13, // 24: llorch.v1.AdminService.ListNodes:output_type -> llorch.v1.ListNodesResponse
-	15, // 25: llorch.v1.AdminService.GetNode:output_type -> llorch.v1.GetNodeResponse
-	17, // 26: llorch.v1.AdminService.RemoveNode:output_type -> llorch.v1.RemoveNodeResponse
-	19, // 27: llorch.v1.AdminService.ListEvents:output_type -> llorch.v1.ListEventsResponse
-	1,  // 28: llorch.v1.AdminService.DrainNode:output_type -> llorch.v1.DrainNodeResponse
-	3,  // 29: llorch.v1.AdminService.UndrainNode:output_type -> llorch.v1.UndrainNodeResponse
-	5,  // 30: llorch.v1.AdminService.WatchEvents:output_type -> llorch.v1.WatchEventsResponse
-	21, // [21:31] is the sub-list for method output_type
-	11, // [11:21] is the sub-list for method input_type
+	4,  // 20: llorch.v1.AdminService.RenewNodeCertificate:input_type -> llorch.v1.RenewNodeCertificateRequest
+	6,  // 21: llorch.v1.AdminService.WatchEvents:input_type -> llorch.v1.WatchEventsRequest
+	9,  // 22: llorch.v1.AdminService.CreateJoinToken:output_type -> llorch.v1.CreateJoinTokenResponse
+	11, // 23: llorch.v1.AdminService.ListJoinTokens:output_type -> llorch.v1.ListJoinTokensResponse
+	13, // 24: llorch.v1.AdminService.RevokeJoinToken:output_type -> llorch.v1.RevokeJoinTokenResponse
+	15, // 25: llorch.v1.AdminService.ListNodes:output_type -> llorch.v1.ListNodesResponse
+	17, // 26: llorch.v1.AdminService.GetNode:output_type -> llorch.v1.GetNodeResponse
+	19, // 27: llorch.v1.AdminService.RemoveNode:output_type -> llorch.v1.RemoveNodeResponse
+	21, // 28: llorch.v1.AdminService.ListEvents:output_type -> llorch.v1.ListEventsResponse
+	1,  // 29: llorch.v1.AdminService.DrainNode:output_type -> llorch.v1.DrainNodeResponse
+	3,  // 30: llorch.v1.AdminService.UndrainNode:output_type -> llorch.v1.UndrainNodeResponse
+	5,  // 31: llorch.v1.AdminService.RenewNodeCertificate:output_type -> llorch.v1.RenewNodeCertificateResponse
+	7,  // 32: llorch.v1.AdminService.WatchEvents:output_type -> llorch.v1.WatchEventsResponse
+	22, // [22:33] is the sub-list for method output_type
+	11, // [11:22] is the sub-list for method input_type
 	11, // [11:11] is the sub-list for extension type_name
 	11, // [11:11] is the sub-list for extension extendee
 	0,  // [0:11] is the sub-list for field type_name
@@ -1113,7 +1201,7 @@ func file_llorch_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_llorch_v1_admin_proto_rawDesc), len(file_llorch_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   21,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

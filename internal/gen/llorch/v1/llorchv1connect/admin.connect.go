@@ -55,6 +55,9 @@ const (
 	// AdminServiceUndrainNodeProcedure is the fully-qualified name of the AdminService's UndrainNode
 	// RPC.
 	AdminServiceUndrainNodeProcedure = "/llorch.v1.AdminService/UndrainNode"
+	// AdminServiceRenewNodeCertificateProcedure is the fully-qualified name of the AdminService's
+	// RenewNodeCertificate RPC.
+	AdminServiceRenewNodeCertificateProcedure = "/llorch.v1.AdminService/RenewNodeCertificate"
 	// AdminServiceWatchEventsProcedure is the fully-qualified name of the AdminService's WatchEvents
 	// RPC.
 	AdminServiceWatchEventsProcedure = "/llorch.v1.AdminService/WatchEvents"
@@ -73,6 +76,8 @@ type AdminServiceClient interface {
 	// DrainNode marks the node draining (kept across restarts of both sides).
 	DrainNode(context.Context, *connect.Request[v1.DrainNodeRequest]) (*connect.Response[v1.DrainNodeResponse], error)
 	UndrainNode(context.Context, *connect.Request[v1.UndrainNodeRequest]) (*connect.Response[v1.UndrainNodeResponse], error)
+	// RenewNodeCertificate asks a connected node to renew its certificate now.
+	RenewNodeCertificate(context.Context, *connect.Request[v1.RenewNodeCertificateRequest]) (*connect.Response[v1.RenewNodeCertificateResponse], error)
 	// WatchEvents streams events as they are recorded, after the recent ones;
 	// it works over gRPC-web, so a browser can follow the fleet.
 	WatchEvents(context.Context, *connect.Request[v1.WatchEventsRequest]) (*connect.ServerStreamForClient[v1.WatchEventsResponse], error)
@@ -143,6 +148,12 @@ func NewAdminServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(adminServiceMethods.ByName("UndrainNode")),
 			connect.WithClientOptions(opts...),
 		),
+		renewNodeCertificate: connect.NewClient[v1.RenewNodeCertificateRequest, v1.RenewNodeCertificateResponse](
+			httpClient,
+			baseURL+AdminServiceRenewNodeCertificateProcedure,
+			connect.WithSchema(adminServiceMethods.ByName("RenewNodeCertificate")),
+			connect.WithClientOptions(opts...),
+		),
 		watchEvents: connect.NewClient[v1.WatchEventsRequest, v1.WatchEventsResponse](
 			httpClient,
 			baseURL+AdminServiceWatchEventsProcedure,
@@ -154,16 +165,17 @@ func NewAdminServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 
 // adminServiceClient implements AdminServiceClient.
 type adminServiceClient struct {
-	createJoinToken *connect.Client[v1.CreateJoinTokenRequest, v1.CreateJoinTokenResponse]
-	listJoinTokens  *connect.Client[v1.ListJoinTokensRequest, v1.ListJoinTokensResponse]
-	revokeJoinToken *connect.Client[v1.RevokeJoinTokenRequest, v1.RevokeJoinTokenResponse]
-	listNodes       *connect.Client[v1.ListNodesRequest, v1.ListNodesResponse]
-	getNode         *connect.Client[v1.GetNodeRequest, v1.GetNodeResponse]
-	removeNode      *connect.Client[v1.RemoveNodeRequest, v1.RemoveNodeResponse]
-	listEvents      *connect.Client[v1.ListEventsRequest, v1.ListEventsResponse]
-	drainNode       *connect.Client[v1.DrainNodeRequest, v1.DrainNodeResponse]
-	undrainNode     *connect.Client[v1.UndrainNodeRequest, v1.UndrainNodeResponse]
-	watchEvents     *connect.Client[v1.WatchEventsRequest, v1.WatchEventsResponse]
+	createJoinToken      *connect.Client[v1.CreateJoinTokenRequest, v1.CreateJoinTokenResponse]
+	listJoinTokens       *connect.Client[v1.ListJoinTokensRequest, v1.ListJoinTokensResponse]
+	revokeJoinToken      *connect.Client[v1.RevokeJoinTokenRequest, v1.RevokeJoinTokenResponse]
+	listNodes            *connect.Client[v1.ListNodesRequest, v1.ListNodesResponse]
+	getNode              *connect.Client[v1.GetNodeRequest, v1.GetNodeResponse]
+	removeNode           *connect.Client[v1.RemoveNodeRequest, v1.RemoveNodeResponse]
+	listEvents           *connect.Client[v1.ListEventsRequest, v1.ListEventsResponse]
+	drainNode            *connect.Client[v1.DrainNodeRequest, v1.DrainNodeResponse]
+	undrainNode          *connect.Client[v1.UndrainNodeRequest, v1.UndrainNodeResponse]
+	renewNodeCertificate *connect.Client[v1.RenewNodeCertificateRequest, v1.RenewNodeCertificateResponse]
+	watchEvents          *connect.Client[v1.WatchEventsRequest, v1.WatchEventsResponse]
 }
 
 // CreateJoinToken calls llorch.v1.AdminService.CreateJoinToken.
@@ -211,6 +223,11 @@ func (c *adminServiceClient) UndrainNode(ctx context.Context, req *connect.Reque
 	return c.undrainNode.CallUnary(ctx, req)
 }
 
+// RenewNodeCertificate calls llorch.v1.AdminService.RenewNodeCertificate.
+func (c *adminServiceClient) RenewNodeCertificate(ctx context.Context, req *connect.Request[v1.RenewNodeCertificateRequest]) (*connect.Response[v1.RenewNodeCertificateResponse], error) {
+	return c.renewNodeCertificate.CallUnary(ctx, req)
+}
+
 // WatchEvents calls llorch.v1.AdminService.WatchEvents.
 func (c *adminServiceClient) WatchEvents(ctx context.Context, req *connect.Request[v1.WatchEventsRequest]) (*connect.ServerStreamForClient[v1.WatchEventsResponse], error) {
 	return c.watchEvents.CallServerStream(ctx, req)
@@ -229,6 +246,8 @@ type AdminServiceHandler interface {
 	// DrainNode marks the node draining (kept across restarts of both sides).
 	DrainNode(context.Context, *connect.Request[v1.DrainNodeRequest]) (*connect.Response[v1.DrainNodeResponse], error)
 	UndrainNode(context.Context, *connect.Request[v1.UndrainNodeRequest]) (*connect.Response[v1.UndrainNodeResponse], error)
+	// RenewNodeCertificate asks a connected node to renew its certificate now.
+	RenewNodeCertificate(context.Context, *connect.Request[v1.RenewNodeCertificateRequest]) (*connect.Response[v1.RenewNodeCertificateResponse], error)
 	// WatchEvents streams events as they are recorded, after the recent ones;
 	// it works over gRPC-web, so a browser can follow the fleet.
 	WatchEvents(context.Context, *connect.Request[v1.WatchEventsRequest], *connect.ServerStream[v1.WatchEventsResponse]) error
@@ -295,6 +314,12 @@ func NewAdminServiceHandler(svc AdminServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(adminServiceMethods.ByName("UndrainNode")),
 		connect.WithHandlerOptions(opts...),
 	)
+	adminServiceRenewNodeCertificateHandler := connect.NewUnaryHandler(
+		AdminServiceRenewNodeCertificateProcedure,
+		svc.RenewNodeCertificate,
+		connect.WithSchema(adminServiceMethods.ByName("RenewNodeCertificate")),
+		connect.WithHandlerOptions(opts...),
+	)
 	adminServiceWatchEventsHandler := connect.NewServerStreamHandler(
 		AdminServiceWatchEventsProcedure,
 		svc.WatchEvents,
@@ -321,6 +346,8 @@ func NewAdminServiceHandler(svc AdminServiceHandler, opts ...connect.HandlerOpti
 			adminServiceDrainNodeHandler.ServeHTTP(w, r)
 		case AdminServiceUndrainNodeProcedure:
 			adminServiceUndrainNodeHandler.ServeHTTP(w, r)
+		case AdminServiceRenewNodeCertificateProcedure:
+			adminServiceRenewNodeCertificateHandler.ServeHTTP(w, r)
 		case AdminServiceWatchEventsProcedure:
 			adminServiceWatchEventsHandler.ServeHTTP(w, r)
 		default:
@@ -366,6 +393,10 @@ func (UnimplementedAdminServiceHandler) DrainNode(context.Context, *connect.Requ
 
 func (UnimplementedAdminServiceHandler) UndrainNode(context.Context, *connect.Request[v1.UndrainNodeRequest]) (*connect.Response[v1.UndrainNodeResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("llorch.v1.AdminService.UndrainNode is not implemented"))
+}
+
+func (UnimplementedAdminServiceHandler) RenewNodeCertificate(context.Context, *connect.Request[v1.RenewNodeCertificateRequest]) (*connect.Response[v1.RenewNodeCertificateResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("llorch.v1.AdminService.RenewNodeCertificate is not implemented"))
 }
 
 func (UnimplementedAdminServiceHandler) WatchEvents(context.Context, *connect.Request[v1.WatchEventsRequest], *connect.ServerStream[v1.WatchEventsResponse]) error {
