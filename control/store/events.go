@@ -79,26 +79,18 @@ func (s *Store) ListEventsAfter(ctx context.Context, nodeID string, afterID int6
 }
 
 func (s *Store) queryEvents(ctx context.Context, query string, args ...any) ([]control.Event, error) {
-	var es []control.Event
-	err := s.read(ctx, func(tx *sql.Tx) error {
-		rows, err := tx.QueryContext(ctx, query, args...)
-		if err != nil {
-			return err
-		}
-		defer rows.Close()
-		for rows.Next() {
-			var (
-				e    control.Event
-				t    sql.NullInt64
-				node sql.NullString
-			)
-			if err := rows.Scan(&e.ID, &t, &node, &e.Kind, &e.Reason); err != nil {
-				return err
-			}
-			e.Time, e.NodeID = fromNanos(t), node.String
-			es = append(es, e)
-		}
-		return rows.Err()
-	})
-	return es, err
+	return queryAll(ctx, s, scanEvent, query, args...)
+}
+
+func scanEvent(row scanner) (control.Event, error) {
+	var (
+		e    control.Event
+		t    sql.NullInt64
+		node sql.NullString
+	)
+	if err := row.Scan(&e.ID, &t, &node, &e.Kind, &e.Reason); err != nil {
+		return control.Event{}, err
+	}
+	e.Time, e.NodeID = fromNanos(t), node.String
+	return e, nil
 }

@@ -112,22 +112,7 @@ func getNodeTx(ctx context.Context, tx *sql.Tx, id string) (control.Node, error)
 
 // ListNodes returns every node, removed ones included, in enrollment order.
 func (s *Store) ListNodes(ctx context.Context) ([]control.Node, error) {
-	var ns []control.Node
-	err := s.read(ctx, func(tx *sql.Tx) error {
-		rows, err := tx.QueryContext(ctx, `SELECT `+nodeColumns+` FROM nodes ORDER BY enrolled_at, id`)
-		if err != nil {
-			return err
-		}
-		defer rows.Close()
-		for rows.Next() {
-			n, err := scanNode(rows)
-			if err != nil {
-				return err
-			}
-			ns = append(ns, n)
-		}
-		return rows.Err()
-	})
+	ns, err := queryAll(ctx, s, scanNode, `SELECT `+nodeColumns+` FROM nodes ORDER BY enrolled_at, id`)
 	if err != nil {
 		return nil, fmt.Errorf("list nodes: %w", err)
 	}

@@ -65,22 +65,7 @@ func getTokenTx(ctx context.Context, tx *sql.Tx, id string) (control.JoinToken, 
 
 // ListTokens returns every token, newest first.
 func (s *Store) ListTokens(ctx context.Context) ([]control.JoinToken, error) {
-	var ts []control.JoinToken
-	err := s.read(ctx, func(tx *sql.Tx) error {
-		rows, err := tx.QueryContext(ctx, `SELECT `+tokenColumns+` FROM join_tokens ORDER BY created_at DESC, id DESC`)
-		if err != nil {
-			return err
-		}
-		defer rows.Close()
-		for rows.Next() {
-			t, err := scanToken(rows)
-			if err != nil {
-				return err
-			}
-			ts = append(ts, t)
-		}
-		return rows.Err()
-	})
+	ts, err := queryAll(ctx, s, scanToken, `SELECT `+tokenColumns+` FROM join_tokens ORDER BY created_at DESC, id DESC`)
 	if err != nil {
 		return nil, fmt.Errorf("list tokens: %w", err)
 	}
