@@ -66,10 +66,17 @@ func serve(tb testing.TB, data string) (*exec.Cmd, string) {
 	return cmd, startServe(tb, cmd)
 }
 
-// startServe starts a `control serve` command and returns its URL once it listens.
+// startServe starts a `control serve` command without an API token and
+// returns its URL once it listens.
 func startServe(tb testing.TB, cmd *exec.Cmd) string {
 	tb.Helper()
 	cmd.Env = append(os.Environ(), "LLORCH_API_TOKEN=")
+	return startServeEnv(tb, cmd)
+}
+
+// startServeEnv starts a `control serve` command with its own environment.
+func startServeEnv(tb testing.TB, cmd *exec.Cmd) string {
+	tb.Helper()
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		tb.Fatal(err)

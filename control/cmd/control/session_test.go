@@ -178,3 +178,49 @@ func TestDev(t *testing.T) {
 		}
 	}
 }
+
+// Remote admin: --server with the CA fingerprint pinned and the API token.
+func TestRemoteAdmin(t *testing.T) {
+	const token = "0123456789abcdef0123456789abcdef"
+	data := filepath.Join(t.TempDir(), "data")
+	cmd := exec.Command(filepath.Join(bin, "control"), "serve", "--data", data, "--listen", "127.0.0.1:0")
+	cmd.Env = append(os.Environ(), "LLORCH_API_TOKEN="+token)
+	url := startServeEnv(t, cmd)
+	fp := oneLine(t, "ca show", run(t, "control", "ca", "show", "--data", data).stdout)
+
+	remote := func(env []string, args ...string) result {
+		c := exec.Command(filepath.Join(bin, "control"), args...)
+		c.Env = append(os.Environ(), env...)
+		var out, errb strings.Builder
+		c.Stdout, c.Stderr = &out, &errb
+		err := c.Run()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		}
+		return result{out.String(), errb.String(), code}
+	}
+	ok := remote([]string{"LLORCH_API_TOKEN=" + token}, "token", "create", "--server", url, "--ca-fingerprint", fp, "--name", "far")
+	if ok.code != 0 {
+		t.Fatalf("remote token create: %+v", ok)
+	}
+	oneLine(t, "remote token create", ok.stdout)
+	tests := []struct {
+		name string
+		env  []string
+		args []string
+		want string
+	}{
+		{"wrong token", []string{"LLORCH_API_TOKEN=" + strings.Repeat("x", 32)}, []string{"--ca-fingerprint", fp}, "invalid API token"},
+		{"no token", []string{"LLORCH_API_TOKEN="}, []string{"--ca-fingerprint", fp}, "LLORCH_API_TOKEN"},
+		{"no fingerprint", []string{"LLORCH_API_TOKEN=" + token}, nil, "--ca-fingerprint"},
+		{"wrong fingerprint", []string{"LLORCH_API_TOKEN=" + token}, []string{"--ca-fingerprint", "sha256:" + strings.Repeat("0", 64)}, "does not match"},
+	}
+	for _, tt := range tests {
+		args := append([]string{"node", "list", "--server", url}, tt.args...)
+		r := remote(tt.env, args...)
+		if r.code == 0 || !strings.Contains(oneLine(t, tt.name, r.stderr), tt.want) {
+			t.Errorf("%s: %+v, want one line with %q", tt.name, r, tt.want)
+		}
+	}
+}
