@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -81,7 +82,7 @@ func startServeEnv(tb testing.TB, cmd *exec.Cmd) string {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	cmd.Stderr = os.Stderr
+	cmd.Stderr = logOnFailure(tb, "control")
 	if err := cmd.Start(); err != nil {
 		tb.Fatal(err)
 	}
@@ -221,4 +222,33 @@ func TestBadInputIsOneClearLine(t *testing.T) {
 			t.Errorf("%v: exit %d, stderr %q; want one line with %q", tt.args, r.code, r.stderr, tt.want)
 		}
 	}
+}
+
+// syncBuffer is a bytes.Buffer safe for the goroutine that copies a child's output.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// logOnFailure collects a child process's log and shows it only if the test fails.
+func logOnFailure(tb testing.TB, name string) *syncBuffer {
+	b := &syncBuffer{}
+	tb.Cleanup(func() {
+		if tb.Failed() {
+			tb.Logf("%s log:\n%s", name, b.String())
+		}
+	})
+	return b
 }

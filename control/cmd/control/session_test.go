@@ -93,7 +93,7 @@ func TestEdgeSessionAsProcesses(t *testing.T) {
 
 	edgeRun := func() *exec.Cmd {
 		c := exec.Command(filepath.Join(bin, "edge"), "run", "--state", state, "--engines-dir", filepath.Join(work, "engines"))
-		c.Stderr = os.Stderr
+		c.Stderr = logOnFailure(t, "edge run")
 		if err := c.Start(); err != nil {
 			t.Fatal(err)
 		}
@@ -144,7 +144,7 @@ func TestDev(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		cmd.Stderr = os.Stderr
+		cmd.Stderr = logOnFailure(t, "control dev")
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
