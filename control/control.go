@@ -101,6 +101,7 @@ var (
 	ErrNotCurrentCert   = errors.New("certificate is not the node's current certificate")
 	ErrInvalidArgument  = errors.New("invalid argument")
 	ErrSchemaTooNew     = errors.New("database schema is newer than this binary")
+	ErrStorageFull      = errors.New("the control plane's storage is full: free space on its data volume; nothing was written")
 	ErrPermissionDenied = errors.New("permission denied")
 	ErrUnauthenticated  = errors.New("unauthenticated")
 )

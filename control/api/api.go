@@ -61,6 +61,9 @@ func errorToConnect(ctx context.Context, log *slog.Logger, err error) error {
 		errors.Is(err, control.ErrNotCurrentCert),
 		errors.Is(err, control.ErrPermissionDenied):
 		return connect.NewError(connect.CodePermissionDenied, err)
+	case errors.Is(err, control.ErrStorageFull):
+		log.ErrorContext(ctx, "storage full", "err", err)
+		return connect.NewError(connect.CodeResourceExhausted, control.ErrStorageFull)
 	case errors.Is(err, registry.ErrNotConnected):
 		return connect.NewError(connect.CodeFailedPrecondition, err)
 	case errors.Is(err, control.ErrUnauthenticated):

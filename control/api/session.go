@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"connectrpc.com/connect"
 
+	"github.com/llorch/llorch/control/authz"
 	"github.com/llorch/llorch/control/registry"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 )
@@ -27,6 +29,11 @@ func (s *Server) Connect(ctx context.Context, stream *connect.BidiStream[llorchv
 	c, err := s.nodeCaller(ctx)
 	if err != nil {
 		return err
+	}
+	if ok, wait := s.cfg.Registry.Admit(); !ok {
+		cerr := connect.NewError(connect.CodeUnavailable, fmt.Errorf("too many sessions registering at once; retry in %s", wait.Round(time.Millisecond)))
+		cerr.Meta().Set(authz.RetryAfterHeader, strconv.FormatInt(wait.Milliseconds(), 10))
+		return cerr
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

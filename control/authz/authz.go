@@ -46,6 +46,10 @@ const (
 // tell "revoked" from "superseded" from "expired" without reading messages.
 const ReasonHeader = "Llorch-Reason"
 
+// RetryAfterHeader carries, on an Unavailable refusal, how many milliseconds
+// the caller should wait before trying again.
+const RetryAfterHeader = "Llorch-Retry-After-Ms"
+
 // Reasons sent in ReasonHeader.
 const (
 	ReasonRevoked    = "revoked"

@@ -17,6 +17,7 @@ type Metrics struct {
 	Renewals     *prometheus.CounterVec // result: ok, refused
 	Transitions  *prometheus.CounterVec // from, to
 	StoreErrors  prometheus.Counter
+	Paced        prometheus.Counter
 	nodesByState *prometheus.GaugeVec
 }
 
@@ -42,11 +43,14 @@ func New() *Metrics {
 		StoreErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "llorch_store_write_errors_total", Help: "Failed writes of liveness state to the store (retried).",
 		}),
+		Paced: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "llorch_sessions_paced_total", Help: "New sessions told to retry later because too many were registering at once.",
+		}),
 		nodesByState: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "llorch_nodes", Help: "Nodes by status.",
 		}, []string{"status"}),
 	}
-	m.Registry.MustRegister(m.Sessions, m.Heartbeats, m.Enrollments, m.Renewals, m.Transitions, m.StoreErrors, m.nodesByState,
+	m.Registry.MustRegister(m.Sessions, m.Heartbeats, m.Enrollments, m.Renewals, m.Transitions, m.StoreErrors, m.Paced, m.nodesByState,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -116,4 +120,11 @@ func result(ok bool) string {
 		return "ok"
 	}
 	return "refused"
+}
+
+// SessionPaced counts a session told to retry later.
+func (m *Metrics) SessionPaced() {
+	if m != nil {
+		m.Paced.Inc()
+	}
 }

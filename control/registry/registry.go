@@ -56,10 +56,18 @@ type Config struct {
 	// RestartGrace is how long nodes stay unknown after a restart before
 	// they are offline; 0: OfflineAfter, and at least MinRestartGrace.
 	RestartGrace  time.Duration
-	FlushInterval time.Duration    // last-seen flushes; 0: 5s
-	Clock         clock.Clock      // nil: the wall clock
-	Logger        *slog.Logger     // nil: discard
-	Metrics       *metrics.Metrics // nil: none
+	FlushInterval time.Duration // last-seen flushes; 0: 5s
+	// StallAfter: when the sweeper itself was held up this long (the process
+	// was paused, the machine suspended), the gap is not counted against the
+	// nodes: they get a full OfflineAfter from the resume. 0: a heartbeat
+	// interval plus one sweep tick, at least 2s; negative: never (tests that
+	// jump a fake clock).
+	StallAfter time.Duration
+	// Admission paces new sessions; the zero value admits everything.
+	Admission Admission
+	Clock     clock.Clock      // nil: the wall clock
+	Logger    *slog.Logger     // nil: discard
+	Metrics   *metrics.Metrics // nil: none
 }
 
 // Validate checks the timing settings.
@@ -107,7 +115,9 @@ type Registry struct {
 	mu        sync.Mutex
 	nodes     map[string]*entry
 	startedAt time.Time
-	stopping  bool // shutting down: silence is ours, not the nodes'
+	stopping  bool      // shutting down: silence is ours, not the nodes'
+	resumedAt time.Time // end of the last stall of our own; silence counts from here
+	admission bucket
 
 	writes chan control.StatusChange
 	wg     sync.WaitGroup
@@ -183,11 +193,12 @@ func (r *Registry) Run(ctx context.Context) error {
 		defer r.wg.Done()
 		r.writer(ctx)
 	}()
-	tick := r.cfg.HeartbeatInterval / 2
-	if tick > time.Second {
-		tick = time.Second
+	tick := min(r.cfg.HeartbeatInterval/2, time.Second)
+	stallAfter := r.cfg.StallAfter
+	if stallAfter == 0 {
+		stallAfter = max(r.cfg.HeartbeatInterval+tick, 2*time.Second)
 	}
-	lastFlush := r.clock.Now()
+	lastFlush, lastTick := r.clock.Now(), r.clock.Now()
 	for {
 		select {
 		case <-ctx.Done():
@@ -200,12 +211,24 @@ func (r *Registry) Run(ctx context.Context) error {
 		case <-r.clock.After(tick):
 		}
 		now := r.clock.Now()
+		if gap := now.Sub(lastTick); stallAfter > 0 && gap > stallAfter {
+			r.stalled(now, gap)
+		}
+		lastTick = now
 		r.Sweep(now)
 		if now.Sub(lastFlush) >= r.cfg.FlushInterval {
 			r.flushLastSeen(ctx)
 			lastFlush = now
 		}
 	}
+}
+
+// stalled excuses the nodes for a gap that was the control plane's own.
+func (r *Registry) stalled(now time.Time, gap time.Duration) {
+	r.log.Warn("the control plane was held up; not counting the gap against nodes", "gap", gap.Round(time.Millisecond))
+	r.mu.Lock()
+	r.resumedAt = now
+	r.mu.Unlock()
 }
 
 // Sweep moves nodes that have been silent too long to offline.
@@ -218,7 +241,11 @@ func (r *Registry) Sweep(now time.Time) {
 	for id, e := range r.nodes {
 		switch e.node.Status {
 		case control.StatusOnline, control.StatusDisconnected:
-			if silent := now.Sub(e.lastSeen()); silent > r.cfg.OfflineAfter {
+			since := e.lastSeen()
+			if r.resumedAt.After(since) {
+				since = r.resumedAt
+			}
+			if silent := now.Sub(since); silent > r.cfg.OfflineAfter {
 				r.transition(id, e, control.StatusOffline, fmt.Sprintf("no heartbeat for %s", silent.Round(time.Second)))
 			}
 		case control.StatusUnknown:

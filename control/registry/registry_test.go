@@ -29,10 +29,11 @@ func (c *countingStore) SetNodeStatuses(ctx context.Context, ch []control.Status
 }
 
 func (c *countingStore) UpdateLastSeen(ctx context.Context, seen map[string]time.Time) error {
+	err := c.Store.UpdateLastSeen(ctx, seen)
 	if len(seen) > 0 {
-		c.lastSeenWrites.Add(1)
+		c.lastSeenWrites.Add(1) // after the write, so a test that saw the count sees the data
 	}
-	return c.Store.UpdateLastSeen(ctx, seen)
+	return err
 }
 
 type env struct {
@@ -41,6 +42,8 @@ type env struct {
 	reg   *registry.Registry
 	stop  func() // stops reg, as the control plane's exit does
 	dir   string
+	// stallAfter is -1 (off): these tests jump the fake clock on purpose.
+	stallAfter time.Duration
 }
 
 const (
@@ -58,11 +61,14 @@ func openStore(tb testing.TB, dir string) *countingStore {
 	return &countingStore{Store: st}
 }
 
-// newEnv is a registry over a real store on a fake clock, with nodes enrolled.
-func newEnv(tb testing.TB, nodes ...string) *env {
+// newEnv is a registry over a real store on a fake clock, with nodes
+// enrolled. Its stall detection is off: these tests jump the clock on purpose.
+func newEnv(tb testing.TB, nodes ...string) *env { return newEnvStall(tb, -1, nodes...) }
+
+func newEnvStall(tb testing.TB, stallAfter time.Duration, nodes ...string) *env {
 	tb.Helper()
 	dir := tb.TempDir()
-	e := &env{st: openStore(tb, dir), clock: clock.NewFake(time.Now()), dir: dir}
+	e := &env{st: openStore(tb, dir), clock: clock.NewFake(time.Now()), dir: dir, stallAfter: stallAfter}
 	ctx := context.Background()
 	for i, id := range nodes {
 		tokID := strings.Repeat(string(rune('a'+i)), 12)
@@ -85,7 +91,7 @@ func (e *env) restart(tb testing.TB) {
 	if e.stop != nil {
 		e.stop()
 	}
-	reg := registry.New(registry.Config{Store: e.st, HeartbeatInterval: interval, OfflineAfter: offline, Clock: e.clock})
+	reg := registry.New(registry.Config{Store: e.st, HeartbeatInterval: interval, OfflineAfter: offline, Clock: e.clock, StallAfter: e.stallAfter})
 	if err := reg.Load(context.Background()); err != nil {
 		tb.Fatal(err)
 	}
@@ -369,4 +375,39 @@ func BenchmarkHeartbeat(b *testing.B) {
 	writes := e.st.statusWrites.Load() + e.st.lastSeenWrites.Load() - before
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "heartbeats/s")
 	b.ReportMetric(float64(writes)/float64(b.N), "writes/heartbeat")
+}
+
+// A control plane that was itself held up (SIGSTOP, a suspended VM) does not
+// blame the nodes for the gap: they get a full OfflineAfter from the resume.
+func TestOwnStallIsNotTheNodesFault(t *testing.T) {
+	e := newEnvStall(t, 0, "n1") // the default detection
+	connect(t, e.reg, "n1")
+	waitFor := func(cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatal("timed out")
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	// The sweeper is waiting on its tick; the process "freezes" for twice
+	// the offline threshold, then resumes.
+	waitFor(func() bool { return e.clock.Waiters() > 0 })
+	e.clock.Advance(2 * offline)
+	waitFor(func() bool { return e.clock.Waiters() > 0 }) // the sweep after the resume ran
+	if got := e.status(t, "n1"); got != control.StatusOnline {
+		t.Fatalf("after our own stall: %s, want online", got)
+	}
+	// A node that really is silent goes offline a full threshold after the
+	// resume. Time now moves in sweep ticks, as it does when nothing stalls.
+	for elapsed := time.Duration(0); elapsed < offline+interval; elapsed += interval / 2 {
+		if elapsed == offline && e.status(t, "n1") != control.StatusOnline {
+			t.Fatalf("offline %s after the resume, before the threshold", elapsed)
+		}
+		e.clock.Advance(interval / 2)
+		waitFor(func() bool { return e.clock.Waiters() > 0 })
+	}
+	waitFor(func() bool { return e.status(t, "n1") == control.StatusOffline })
 }

@@ -110,9 +110,11 @@ func (s *Session) Close(goodbye bool, reason string) {
 	}
 	e.session = nil
 	r.metrics.SessionClosed()
-	if goodbye {
+	switch {
+	case goodbye:
 		r.transition(s.nodeID, e, control.StatusOffline, reason)
-	} else {
+	case e.node.Status == control.StatusOnline:
+		// An offline node whose dead stream is found only now stays offline.
 		r.transition(s.nodeID, e, control.StatusDisconnected, reason)
 	}
 	r.mu.Unlock()

@@ -36,6 +36,10 @@ type Config struct {
 	HeartbeatInterval time.Duration
 	// OfflineAfter is how long a node may be silent before it is offline; 0: 30s.
 	OfflineAfter time.Duration
+	// RegistrationRate and RegistrationBurst pace new sessions (per second,
+	// and at once); refused edges get a retry hint. Zero rate: no pacing.
+	RegistrationRate  float64
+	RegistrationBurst int
 	// AdvertiseURL is the URL edges are told to use; empty: https://<Listen>
 	// when Listen names a host, else the URL the edge enrolled with.
 	AdvertiseURL string
@@ -56,6 +60,8 @@ func DefaultConfig() Config {
 		NodeCertLifetime:  DefaultNodeCertLifetime,
 		HeartbeatInterval: registry.DefaultHeartbeatInterval,
 		OfflineAfter:      registry.DefaultOfflineAfter,
+		RegistrationRate:  registry.DefaultRegistrationRate,
+		RegistrationBurst: registry.DefaultRegistrationBurst,
 	}
 }
 
@@ -82,6 +88,9 @@ func (c Config) Validate() error {
 	}
 	if err := (registry.Config{HeartbeatInterval: c.HeartbeatInterval, OfflineAfter: c.OfflineAfter}).Validate(); err != nil {
 		return err
+	}
+	if c.RegistrationRate < 0 || c.RegistrationBurst < 0 {
+		return errors.New("registration rate and burst must not be negative")
 	}
 	if c.APIToken != "" && len(c.APIToken) < 16 {
 		return errors.New("LLORCH_API_TOKEN is too short: use at least 16 random characters (e.g. openssl rand -hex 32)")

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -392,4 +393,45 @@ func TestMetrics(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// A fleet arriving at once is paced: refused edges come back when told to,
+// and all register.
+func TestRegistrationsArePaced(t *testing.T) {
+	srv := servertest.Start(t, func(c *server.Config) {
+		fastFleet(c)
+		c.RegistrationRate, c.RegistrationBurst = 4, 1
+	})
+	var edges []*fleetEdge
+	for _, name := range []string{"a", "b", "c", "d", "e", "f"} {
+		edges = append(edges, newEdge(t, srv, name, twoGPUs, ""))
+	}
+	for _, e := range edges {
+		waitNode(t, srv, e.id, 10*time.Second, "online", is(llorchv1.NodeStatus_NODE_STATUS_ONLINE))
+	}
+	body := metricsText(t, srv)
+	if !strings.Contains(body, "llorch_sessions_paced_total") || strings.Contains(body, "llorch_sessions_paced_total 0") {
+		t.Errorf("no session was paced:\n%s", body)
+	}
+}
+
+func metricsText(tb testing.TB, srv *servertest.Server) string {
+	tb.Helper()
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	p.SetHTTP1(true)
+	hc := &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", server.SocketPath(srv.Config.DataDir))
+		},
+		Protocols: &p,
+	}}
+	resp, err := hc.Get("http://control.sock/metrics")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return string(body)
 }

@@ -104,6 +104,7 @@ func (s *Server) open(ctx context.Context) (err error) {
 		Store:             s.store,
 		HeartbeatInterval: cfg.HeartbeatInterval,
 		OfflineAfter:      cfg.OfflineAfter,
+		Admission:         registry.Admission{Rate: cfg.RegistrationRate, Burst: cfg.RegistrationBurst},
 		Clock:             cfg.Clock,
 		Logger:            cfg.Logger.With("component", "registry"),
 		Metrics:           s.metrics,

@@ -22,7 +22,7 @@ import (
 	"time"
 
 	"github.com/llorch/llorch/control"
-	_ "modernc.org/sqlite" // registers the "sqlite" driver
+	"modernc.org/sqlite" // also registers the "sqlite" driver
 )
 
 // Store is the control plane's database. It is safe for concurrent use.
@@ -184,13 +184,27 @@ func (s *Store) IntegrityCheck(ctx context.Context) error {
 func (s *Store) write(ctx context.Context, fn func(*sql.Tx) error) error {
 	tx, err := s.writer.BeginTx(ctx, nil)
 	if err != nil {
-		return err
+		return storageError(err)
 	}
 	if err := fn(tx); err != nil {
 		tx.Rollback()
-		return err
+		return storageError(err)
 	}
-	return tx.Commit()
+	return storageError(tx.Commit())
+}
+
+// sqliteFull is SQLITE_FULL, the primary result code for a full disk.
+const sqliteFull = 13
+
+// storageError marks a full disk as control.ErrStorageFull, so callers can
+// say so instead of "internal error"; the transaction was rolled back and
+// nothing was written.
+func storageError(err error) error {
+	var se *sqlite.Error
+	if errors.As(err, &se) && se.Code()&0xff == sqliteFull {
+		return fmt.Errorf("%w: %v", control.ErrStorageFull, err)
+	}
+	return err
 }
 
 // read runs fn in a read transaction, so it sees one snapshot.

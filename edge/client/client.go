@@ -5,10 +5,13 @@
 package client
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 
@@ -56,9 +59,21 @@ func HTTPClient(h *Identity) *http.Client {
 	})
 	return &http.Client{Transport: &http2.Transport{
 		TLSClientConfig: tlsCfg,
+		DialTLSContext:  dialTLS,
 		ReadIdleTimeout: 15 * time.Second,
 		PingTimeout:     5 * time.Second,
 	}}
+}
+
+// DialTimeout bounds connecting and the TLS handshake, so a path that
+// swallows packets fails fast and the session's backoff takes over.
+const DialTimeout = 10 * time.Second
+
+func dialTLS(ctx context.Context, network, addr string, cfg *tls.Config) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, DialTimeout)
+	defer cancel()
+	d := tls.Dialer{NetDialer: &net.Dialer{KeepAlive: 30 * time.Second}, Config: cfg}
+	return d.DialContext(ctx, network, addr)
 }
 
 // NodeClient returns a NodeService client for the identity's control plane.
@@ -85,4 +100,18 @@ func Explain(err error) error {
 		return fmt.Errorf("control plane unreachable: %s", cerr.Message())
 	}
 	return fmt.Errorf("%s", cerr.Message())
+}
+
+// RetryAfter is the wait the control plane asked for with a refusal (it paces
+// registrations when many edges come at once); 0 when it asked for none.
+func RetryAfter(err error) time.Duration {
+	var cerr *connect.Error
+	if !errors.As(err, &cerr) {
+		return 0
+	}
+	ms, err := strconv.ParseInt(cerr.Meta().Get(authz.RetryAfterHeader), 10, 64)
+	if err != nil || ms <= 0 {
+		return 0
+	}
+	return min(time.Duration(ms)*time.Millisecond, time.Minute)
 }

@@ -132,7 +132,12 @@ func runOnce(ctx context.Context, cfg Config) (out outcome) {
 	}()
 	register := &llorchv1.Register{System: cfg.System, Status: cfg.Report(ctx)}
 	if err := stream.Send(&llorchv1.ConnectRequest{Message: &llorchv1.ConnectRequest_Register{Register: register}}); err != nil {
-		return classify(stream, err)
+		if errors.Is(err, io.EOF) {
+			// The server ended the stream; the real error comes from Receive
+			// (nothing else reads the stream yet).
+			_, err = stream.Receive()
+		}
+		return classify(err)
 	}
 	msgs := make(chan incoming, 4)
 	go func() {
@@ -159,7 +164,7 @@ func runOnce(ctx context.Context, cfg Config) (out outcome) {
 		return outcome{err: errors.New("no answer to Register within 30s")}
 	}
 	if first.err != nil {
-		return classify(stream, first.err)
+		return classify(first.err)
 	}
 	registered := first.msg.GetRegistered()
 	if registered == nil {
@@ -199,7 +204,7 @@ func runOnce(ctx context.Context, cfg Config) (out outcome) {
 				return out
 			}
 			if err := beat(); err != nil {
-				r := classify(stream, err)
+				r := sendFailed(err, msgs, cfg.Clock)
 				r.registered = true
 				return r
 			}
@@ -209,13 +214,13 @@ func runOnce(ctx context.Context, cfg Config) (out outcome) {
 			return outcome{registered: true, reconnect: true}
 		case <-cfg.Changed:
 			if err := beat(); err != nil {
-				r := classify(stream, err)
+				r := sendFailed(err, msgs, cfg.Clock)
 				r.registered = true
 				return r
 			}
 		case in := <-msgs:
 			if in.err != nil {
-				r := classify(stream, in.err)
+				r := classify(in.err)
 				r.registered = true
 				return r
 			}
@@ -274,19 +279,30 @@ func goodbye(stream *connect.BidiStreamForClient[llorchv1.ConnectRequest, llorch
 	}
 }
 
-// classify turns a stream error into an outcome: refusals that mean the node
-// can no longer act are fatal; anything else is retried.
-func classify(stream *connect.BidiStreamForClient[llorchv1.ConnectRequest, llorchv1.ConnectResponse], err error) outcome {
+// sendFailed explains a failed Send. Send says only io.EOF when the server
+// ended the stream; the reason arrives on the reader goroutine, which owns
+// Receive, so wait briefly for it there.
+func sendFailed(err error, msgs <-chan incoming, clk clock.Clock) outcome {
 	if errors.Is(err, io.EOF) {
-		// Send returns io.EOF when the server ended the stream; the real
-		// error comes from Receive.
-		if _, rerr := stream.Receive(); rerr != nil {
-			err = rerr
+		select {
+		case in := <-msgs:
+			if in.err != nil {
+				err = in.err
+			}
+		case <-clk.After(2 * time.Second):
 		}
 	}
+	return classify(err)
+}
+
+// classify turns a stream error into an outcome: refusals that mean the node
+// can no longer act are fatal; anything else is retried.
+// A retry hint from the control plane (it is pacing registrations) sets the
+// wait before the next attempt.
+func classify(err error) outcome {
 	explained := client.Explain(err)
 	if errors.Is(explained, edge.ErrRevoked) || errors.Is(explained, edge.ErrCertExpired) || errors.Is(explained, edge.ErrSuperseded) {
 		return outcome{fatal: explained}
 	}
-	return outcome{err: explained}
+	return outcome{err: explained, retryAfter: client.RetryAfter(err)}
 }

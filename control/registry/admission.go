@@ -1,0 +1,63 @@
+package registry
+
+import (
+	"math/rand/v2"
+	"time"
+)
+
+// Admission paces new sessions, so that a fleet coming back at once (after
+// a control-plane restart, or a network heal) registers as a stream rather
+// than a stampede. It is a token bucket: Rate sessions per second with
+// bursts of Burst. A refused edge is told when to retry, spread at random
+// over the time the queue ahead of it needs.
+type Admission struct {
+	Rate  float64 // sessions per second; 0: no limit
+	Burst int     // 0: 1
+}
+
+// Default admission: far above what a fleet needs in steady state, low
+// enough that 10,000 edges reconnecting are spread over seconds.
+const (
+	DefaultRegistrationRate  = 500
+	DefaultRegistrationBurst = 100
+)
+
+type bucket struct {
+	tokens    float64
+	last      time.Time
+	refused   int // refusals in the current second
+	refusedAt time.Time
+}
+
+// Admit says whether a new session may register now, and if not, after how
+// long the edge should try again.
+func (r *Registry) Admit() (bool, time.Duration) {
+	a := r.cfg.Admission
+	if a.Rate <= 0 {
+		return true, 0
+	}
+	burst := float64(max(a.Burst, 1))
+	now := r.clock.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	b := &r.admission
+	if b.last.IsZero() {
+		b.tokens = burst
+	} else {
+		b.tokens = min(burst, b.tokens+now.Sub(b.last).Seconds()*a.Rate)
+	}
+	b.last = now
+	if b.tokens >= 1 {
+		b.tokens--
+		return true, 0
+	}
+	if now.Sub(b.refusedAt) > time.Second {
+		b.refused, b.refusedAt = 0, now
+	}
+	b.refused++
+	r.metrics.SessionPaced()
+	// Those refused in the last second need refused/Rate seconds to get in;
+	// spread them over that window (at least a second).
+	window := max(time.Duration(float64(b.refused)/a.Rate*float64(time.Second)), time.Second)
+	return false, time.Duration(rand.Int64N(int64(window))) + time.Duration(float64(time.Second)/a.Rate)
+}
