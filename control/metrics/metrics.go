@@ -3,6 +3,8 @@
 package metrics
 
 import (
+	"sync"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 )
@@ -10,15 +12,15 @@ import (
 // Metrics are the control plane's counters and gauges. A nil *Metrics is
 // valid and records nothing, so packages can take one optionally.
 type Metrics struct {
-	Registry     *prometheus.Registry
-	Sessions     prometheus.Gauge
-	Heartbeats   prometheus.Counter
-	Enrollments  *prometheus.CounterVec // result: ok, refused
-	Renewals     *prometheus.CounterVec // result: ok, refused
-	Transitions  *prometheus.CounterVec // from, to
-	StoreErrors  prometheus.Counter
-	Paced        prometheus.Counter
-	nodesByState *prometheus.GaugeVec
+	Registry    *prometheus.Registry
+	Sessions    prometheus.Gauge
+	Heartbeats  prometheus.Counter
+	Enrollments *prometheus.CounterVec // result: ok, refused
+	Renewals    *prometheus.CounterVec // result: ok, refused
+	Transitions *prometheus.CounterVec // from, to
+	StoreErrors prometheus.Counter
+	Paced       prometheus.Counter
+	nodes       *nodesCollector
 }
 
 // New registers every metric, plus Go runtime and process metrics.
@@ -46,23 +48,40 @@ func New() *Metrics {
 		Paced: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "llorch_sessions_paced_total", Help: "New sessions told to retry later because too many were registering at once.",
 		}),
-		nodesByState: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "llorch_nodes", Help: "Nodes by status.",
-		}, []string{"status"}),
+		nodes: &nodesCollector{desc: prometheus.NewDesc("llorch_nodes", "Nodes by status.", []string{"status"}, nil)},
 	}
-	m.Registry.MustRegister(m.Sessions, m.Heartbeats, m.Enrollments, m.Renewals, m.Transitions, m.StoreErrors, m.Paced, m.nodesByState,
+	m.Registry.MustRegister(m.Sessions, m.Heartbeats, m.Enrollments, m.Renewals, m.Transitions, m.StoreErrors, m.Paced, m.nodes,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 
-// SetNodes replaces the nodes-by-status gauge.
-func (m *Metrics) SetNodes(counts map[string]int) {
-	if m == nil {
+// CountNodes sets the function the nodes-by-status gauge is read from at
+// each scrape (counting at scrape time keeps it off the registry's hot path).
+func (m *Metrics) CountNodes(count func() map[string]int) {
+	if m != nil {
+		m.nodes.mu.Lock()
+		m.nodes.count = count
+		m.nodes.mu.Unlock()
+	}
+}
+
+type nodesCollector struct {
+	desc  *prometheus.Desc
+	mu    sync.Mutex
+	count func() map[string]int
+}
+
+func (c *nodesCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *nodesCollector) Collect(ch chan<- prometheus.Metric) {
+	c.mu.Lock()
+	count := c.count
+	c.mu.Unlock()
+	if count == nil {
 		return
 	}
-	m.nodesByState.Reset()
-	for status, n := range counts {
-		m.nodesByState.WithLabelValues(status).Set(float64(n))
+	for status, n := range count() {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(n), status)
 	}
 }
 

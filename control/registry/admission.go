@@ -22,6 +22,10 @@ const (
 	DefaultRegistrationBurst = 100
 )
 
+// restartFloor is the least a control plane that is shutting down asks edges
+// to wait: long enough for its successor to be listening.
+const restartFloor = 2 * time.Second
+
 type bucket struct {
 	tokens    float64
 	last      time.Time
@@ -32,14 +36,18 @@ type bucket struct {
 // Admit says whether a new session may register now, and if not, after how
 // long the edge should try again.
 func (r *Registry) Admit() (bool, time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.stopping {
+		// Shutting down: come back to the next process, spread out.
+		return false, restartFloor + time.Duration(rand.Int64N(int64(time.Second)))
+	}
 	a := r.cfg.Admission
 	if a.Rate <= 0 {
 		return true, 0
 	}
 	burst := float64(max(a.Burst, 1))
 	now := r.clock.Now()
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	b := &r.admission
 	if b.last.IsZero() {
 		b.tokens = burst

@@ -143,11 +143,13 @@ func New(cfg Config) *Registry {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Registry{
+	r := &Registry{
 		cfg: cfg, clock: cfg.Clock, log: cfg.Logger, metrics: cfg.Metrics,
 		nodes:  map[string]*entry{},
 		writes: make(chan control.StatusChange, 65536),
 	}
+	r.metrics.CountNodes(r.countByStatus)
+	return r
 }
 
 // HeartbeatInterval is the interval edges are told to use.
@@ -181,7 +183,6 @@ func (r *Registry) Load(ctx context.Context) error {
 			return fmt.Errorf("load registry: %w", err)
 		}
 	}
-	r.updateGauges()
 	return nil
 }
 
@@ -255,7 +256,6 @@ func (r *Registry) Sweep(now time.Time) {
 		}
 	}
 	r.mu.Unlock()
-	r.updateGauges()
 }
 
 func (e *entry) lastSeen() time.Time {
@@ -374,17 +374,15 @@ func (r *Registry) flushLastSeen(ctx context.Context) {
 	}
 }
 
-func (r *Registry) updateGauges() {
-	if r.metrics == nil {
-		return
-	}
+// countByStatus counts the nodes in each status, for the metrics scrape.
+func (r *Registry) countByStatus() map[string]int {
 	counts := map[string]int{}
 	r.mu.Lock()
 	for _, e := range r.nodes {
 		counts[string(e.node.Status)]++
 	}
 	r.mu.Unlock()
-	r.metrics.SetNodes(counts)
+	return counts
 }
 
 // Errors for operations on nodes.
@@ -437,7 +435,6 @@ func (r *Registry) Enrolled(n control.Node) {
 		r.nodes[n.ID] = &entry{node: n}
 	}
 	r.mu.Unlock()
-	r.updateGauges()
 }
 
 // Drain marks a node draining (or not), persists it, and tells the node if
@@ -482,7 +479,6 @@ func (r *Registry) Remove(ctx context.Context, id, reason string) (control.Node,
 		delete(r.nodes, id)
 	}
 	r.mu.Unlock()
-	r.updateGauges()
 	return n, nil
 }
 
@@ -501,8 +497,9 @@ func (r *Registry) RenewNow(id string) error {
 	return nil
 }
 
-// DisconnectAll closes every session with a retry hint spread uniformly over
-// [0, spread), so that edges come back spread out rather than all at once.
+// DisconnectAll closes every session with a retry hint of restartFloor plus
+// a part of spread drawn uniformly, so that edges come back to the next
+// process, spread out rather than all at once; new sessions are refused.
 // It is called when the control plane shuts down, and stops sweeping: from
 // then on a node's silence is the control plane's doing.
 func (r *Registry) DisconnectAll(reason string, spread time.Duration) {
@@ -513,7 +510,7 @@ func (r *Registry) DisconnectAll(reason string, spread time.Duration) {
 		if e.session == nil {
 			continue
 		}
-		wait := time.Duration(rand.Int64N(int64(spread) + 1))
+		wait := restartFloor + time.Duration(rand.Int64N(int64(spread)+1))
 		e.session.send(&llorchv1.Command{Kind: llorchv1.CommandKind_COMMAND_KIND_DISCONNECT, Reason: reason, RetryAfter: durationProto(wait)})
 	}
 }

@@ -54,7 +54,6 @@ func (r *Registry) Connect(ctx context.Context, nodeID string, system *llorchv1.
 		Draining:          e.node.Draining,
 	}
 	r.mu.Unlock()
-	r.updateGauges()
 	return s, registered, nil
 }
 
@@ -118,7 +117,6 @@ func (s *Session) Close(goodbye bool, reason string) {
 		r.transition(s.nodeID, e, control.StatusDisconnected, reason)
 	}
 	r.mu.Unlock()
-	r.updateGauges()
 }
 
 func durationProto(d time.Duration) *durationpb.Duration { return durationpb.New(d) }

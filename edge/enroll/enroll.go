@@ -73,10 +73,12 @@ func Enroll(ctx context.Context, cfg Config) (Result, error) {
 	if timeout == 0 {
 		timeout = 30 * time.Second
 	}
-	hc := &http.Client{Timeout: timeout, Transport: &http.Transport{
+	transport := &http.Transport{
 		TLSClientConfig:   certs.PinnedTLSConfig(token.Fingerprint, u.Hostname()),
 		ForceAttemptHTTP2: true,
-	}}
+	}
+	defer transport.CloseIdleConnections()
+	hc := &http.Client{Timeout: timeout, Transport: transport}
 	client := llorchv1connect.NewEnrollServiceClient(hc, cfg.ControlURL)
 	resp, err := client.Enroll(ctx, connect.NewRequest(&llorchv1.EnrollRequest{
 		Token: token.String(), Csr: csr, Hostname: cfg.Hostname,
