@@ -1,0 +1,139 @@
+package harness
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// StatusChange is a status event taken apart: its reason reads
+// "<from> -> <to>: <why>".
+type StatusChange struct {
+	Event
+	From, To, Why string
+}
+
+// StatusChanges picks the status events out of es.
+func StatusChanges(es []Event) []StatusChange {
+	var out []StatusChange
+	for _, e := range es {
+		if e.Kind != "status" {
+			continue
+		}
+		from, rest, ok := strings.Cut(e.Reason, " -> ")
+		if !ok {
+			continue
+		}
+		to, why, _ := strings.Cut(rest, ": ")
+		out = append(out, StatusChange{Event: e, From: from, To: to, Why: why})
+	}
+	return out
+}
+
+// After keeps the events recorded after the event with ID id.
+func After(es []Event, id int64) []Event {
+	var out []Event
+	for _, e := range es {
+		if e.ID > id {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// LastEventID is the ID of the newest event (0 when there is none).
+func LastEventID(es []Event) int64 {
+	var id int64
+	for _, e := range es {
+		id = max(id, e.ID)
+	}
+	return id
+}
+
+// CountKind counts the events of a kind.
+func CountKind(es []Event, kind string) int {
+	n := 0
+	for _, e := range es {
+		if e.Kind == kind {
+			n++
+		}
+	}
+	return n
+}
+
+// FirstTo is the first status change of node to status to, if any.
+func FirstTo(cs []StatusChange, node, to string) (StatusChange, bool) {
+	for _, c := range cs {
+		if c.NodeID == node && c.To == to {
+			return c, true
+		}
+	}
+	return StatusChange{}, false
+}
+
+// PerNode counts status changes per node.
+func PerNode(cs []StatusChange) map[string]int {
+	m := map[string]int{}
+	for _, c := range cs {
+		m[c.NodeID]++
+	}
+	return m
+}
+
+// Seed returns the run's random seed: LLORCH_CHAOS_SEED when set, else
+// the time; it is logged so that a run can be repeated.
+func Seed(t testing.TB) (uint64, *rand.Rand) {
+	t.Helper()
+	seed := uint64(time.Now().UnixNano())
+	if v := os.Getenv("LLORCH_CHAOS_SEED"); v != "" {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			t.Fatalf("LLORCH_CHAOS_SEED=%q: %v", v, err)
+		}
+		seed = n
+	}
+	t.Logf("seed %d (LLORCH_CHAOS_SEED=%d repeats this run's choices)", seed, seed)
+	return seed, rand.New(rand.NewPCG(seed, seed>>1|1))
+}
+
+// Hold keeps a fault in place for d. It is the fault's duration, chosen by
+// the scenario, never a wait for a state (states are polled).
+func Hold(ctx context.Context, d time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
+}
+
+// WaitQuiet waits until every node in ids is online and no status event
+// was recorded for quiet, and returns the status changes since event
+// after. The quiet period makes late transitions (a flap) visible.
+func (f *Fleet) WaitQuiet(t testing.TB, ctx context.Context, after int64, quiet, timeout time.Duration, ids ...string) []StatusChange {
+	t.Helper()
+	var changes []StatusChange
+	WaitFor(t, ctx, fmt.Sprintf("the fleet online and quiet for %s", quiet), timeout, func(ctx context.Context) (bool, string, error) {
+		online, seen, err := f.StatusIs("online", ids...)(ctx)
+		if err != nil || !online {
+			return false, seen, err
+		}
+		es, err := f.CP.Events(ctx, "")
+		if err != nil {
+			return false, "", err
+		}
+		changes = StatusChanges(After(es, after))
+		if len(changes) > 0 {
+			if last := changes[len(changes)-1].Time; time.Since(last) < quiet {
+				return false, fmt.Sprintf("last status change %s ago", time.Since(last).Round(time.Millisecond)), nil
+			}
+		}
+		return true, "", nil
+	})
+	return changes
+}
