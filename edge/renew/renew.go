@@ -14,6 +14,7 @@ import (
 	"math/rand/v2"
 	"time"
 
+	"github.com/llorch/llorch/internal/backoff"
 	"github.com/llorch/llorch/internal/clock"
 )
 
@@ -46,26 +47,6 @@ func Due(notBefore, notAfter time.Time, rnd float64) time.Time {
 		return notBefore
 	}
 	return due
-}
-
-// Backoff returns the wait before retry number attempt (0-based): full
-// jitter, rnd*min(maxWait, minWait*2^attempt). It does not overflow for any
-// attempt; a negative attempt counts as 0, and a minWait or maxWait of zero or
-// less gives 0.
-func Backoff(attempt int, minWait, maxWait time.Duration, rnd float64) time.Duration {
-	if minWait <= 0 || maxWait <= 0 {
-		return 0
-	}
-	ceil := minWait
-	for i := 0; i < attempt && ceil < maxWait; i++ {
-		if ceil > maxWait/2 {
-			ceil = maxWait
-			break
-		}
-		ceil *= 2
-	}
-	ceil = min(ceil, maxWait)
-	return time.Duration(clamp01(rnd) * float64(ceil))
 }
 
 func clamp01(f float64) float64 {
@@ -184,7 +165,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		lastErr = err
 		now = clk.Now()
-		wait := max(Backoff(failures, retryMin, retryMax, rnd()), minRetryWait)
+		wait := max(backoff.FullJitter(failures, retryMin, retryMax, rnd()), minRetryWait)
 		failures++
 		retryAt = now.Add(wait)
 		if retryAt.After(na) {

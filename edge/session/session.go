@@ -19,6 +19,7 @@ import (
 
 	"github.com/llorch/llorch/edge"
 	"github.com/llorch/llorch/edge/client"
+	"github.com/llorch/llorch/internal/backoff"
 	"github.com/llorch/llorch/internal/clock"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 )
@@ -83,7 +84,7 @@ func Run(ctx context.Context, cfg Config) error {
 			cfg.Logger.Info("reconnecting with the renewed certificate")
 			continue
 		}
-		wait := Backoff(attempt, cfg.BackoffMin, cfg.BackoffMax, rand.Float64())
+		wait := backoff.FullJitter(attempt, cfg.BackoffMin, cfg.BackoffMax, rand.Float64())
 		if res.retryAfter > 0 {
 			wait = res.retryAfter
 		}
@@ -95,18 +96,6 @@ func Run(ctx context.Context, cfg Config) error {
 		case <-cfg.Clock.After(wait):
 		}
 	}
-}
-
-// Backoff is the wait before reconnect attempt number attempt (0-based):
-// full jitter, rnd * min(max, min * 2^attempt).
-func Backoff(attempt int, minWait, maxWait time.Duration, rnd float64) time.Duration {
-	ceiling := maxWait
-	if attempt < 32 {
-		if d := minWait << attempt; d > 0 && d < maxWait {
-			ceiling = d
-		}
-	}
-	return time.Duration(rnd * float64(ceiling))
 }
 
 type outcome struct {
