@@ -5,6 +5,7 @@
 package certs
 
 import (
+	"crypto"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
@@ -92,4 +93,28 @@ func DER(chain []*x509.Certificate) [][]byte {
 // store and the logs use.
 func SerialHex(cert *x509.Certificate) string {
 	return cert.SerialNumber.Text(16)
+}
+
+// CheckNodeCertificate checks a chain the control plane issued to a node:
+// the leaf is for pub, chains to roots for client authentication, and names
+// node nodeID of trustDomain in its one SPIFFE ID.
+func CheckNodeCertificate(chain []*x509.Certificate, pub crypto.PublicKey, roots *x509.CertPool, trustDomain, nodeID string) error {
+	if len(chain) == 0 {
+		return errors.New("no certificate")
+	}
+	leaf := chain[0]
+	if k, ok := leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(pub) {
+		return errors.New("certificate is not for this machine's key")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		return fmt.Errorf("certificate does not verify: %w", err)
+	}
+	if id, err := NodeIDFromCert(trustDomain, leaf); err != nil || id != nodeID {
+		return fmt.Errorf("certificate does not name node %q of %q", nodeID, trustDomain)
+	}
+	return nil
 }

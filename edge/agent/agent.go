@@ -5,7 +5,6 @@ package agent
 
 import (
 	"context"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -227,20 +226,10 @@ func (a *Agent) Renew(ctx context.Context, nodes interface {
 	if err != nil {
 		return fmt.Errorf("renew: %w", err)
 	}
+	if err := certs.CheckNodeCertificate(chain, &key.PublicKey, cur.RootPool(), cur.TrustDomain, cur.NodeID); err != nil {
+		return fmt.Errorf("renew: %w", err)
+	}
 	leaf := chain[0]
-	if !key.PublicKey.Equal(leaf.PublicKey) {
-		return errors.New("renew: the certificate is not for the new key")
-	}
-	if nodeID, err := certs.NodeIDFromCert(cur.TrustDomain, leaf); err != nil || nodeID != cur.NodeID {
-		return errors.New("renew: the certificate names another node")
-	}
-	inter := x509.NewCertPool()
-	for _, c := range chain[1:] {
-		inter.AddCert(c)
-	}
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: cur.RootPool(), Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
-		return fmt.Errorf("renew: certificate does not verify: %w", err)
-	}
 	next := cur
 	next.Key, next.Chain = key, chain
 	if err := state.Save(a.cfg.StateDir, next); err != nil {

@@ -118,25 +118,14 @@ func identityFrom(msg *llorchv1.EnrollResponse, key *ecdsa.PrivateKey, fingerpri
 		return state.Identity{}, errors.New("CA bundle does not contain the pinned root")
 	}
 	leaf := chain[0]
-	if !key.PublicKey.Equal(leaf.PublicKey) {
-		return state.Identity{}, errors.New("certificate is not for this machine's key")
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(pinned)
-	inter := x509.NewCertPool()
-	for _, c := range chain[1:] {
-		inter.AddCert(c)
-	}
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
-		return state.Identity{}, fmt.Errorf("certificate does not verify: %w", err)
-	}
 	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != msg.GetSpiffeId() {
 		return state.Identity{}, fmt.Errorf("certificate does not carry the SPIFFE ID %q", msg.GetSpiffeId())
 	}
-	td := leaf.URIs[0].Host
-	nodeID, err := certs.NodeIDFromCert(td, leaf)
-	if err != nil || nodeID != msg.GetNodeId() {
-		return state.Identity{}, fmt.Errorf("certificate names another node than %q", msg.GetNodeId())
+	td, nodeID := leaf.URIs[0].Host, msg.GetNodeId()
+	pool := x509.NewCertPool()
+	pool.AddCert(pinned)
+	if err := certs.CheckNodeCertificate(chain, &key.PublicKey, pool, td, nodeID); err != nil {
+		return state.Identity{}, err
 	}
 	controlURL := msg.GetControlUrl()
 	if controlURL == "" {
