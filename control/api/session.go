@@ -9,9 +9,9 @@ import (
 
 	"connectrpc.com/connect"
 
-	"github.com/llorch/llorch/control/authz"
 	"github.com/llorch/llorch/control/registry"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
+	"github.com/llorch/llorch/internal/refusal"
 )
 
 // RegisterTimeout bounds the wait for an edge's first message.
@@ -32,7 +32,7 @@ func (s *Server) Connect(ctx context.Context, stream *connect.BidiStream[llorchv
 	}
 	if ok, wait := s.cfg.Registry.Admit(); !ok {
 		cerr := connect.NewError(connect.CodeUnavailable, fmt.Errorf("too many sessions registering at once; retry in %s", wait.Round(time.Millisecond)))
-		cerr.Meta().Set(authz.RetryAfterHeader, strconv.FormatInt(wait.Milliseconds(), 10))
+		cerr.Meta().Set(refusal.RetryAfterHeader, strconv.FormatInt(wait.Milliseconds(), 10))
 		return cerr
 	}
 	ctx, cancel := context.WithCancel(ctx)

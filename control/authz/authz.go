@@ -29,6 +29,7 @@ import (
 	"github.com/llorch/llorch/certs"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/internal/clock"
+	"github.com/llorch/llorch/internal/refusal"
 )
 
 // Policy says who may call a procedure.
@@ -40,23 +41,6 @@ const (
 	Public
 	Node
 	Admin
-)
-
-// ReasonHeader carries a machine-readable reason on refusals, so an edge can
-// tell "revoked" from "superseded" from "expired" without reading messages.
-const ReasonHeader = "Llorch-Reason"
-
-// RetryAfterHeader carries, on an Unavailable refusal, how many milliseconds
-// the caller should wait before trying again.
-const RetryAfterHeader = "Llorch-Retry-After-Ms"
-
-// Reasons sent in ReasonHeader.
-const (
-	ReasonRevoked    = "revoked"
-	ReasonSuperseded = "superseded"
-	ReasonExpired    = "expired"
-	ReasonNoCert     = "no-client-certificate"
-	ReasonUnknown    = "unknown-node"
 )
 
 // Nodes is what authorization needs to know about nodes.
@@ -206,21 +190,21 @@ func (i *interceptor) checkAPIToken(header http.Header) error {
 
 func (i *interceptor) checkNode(ctx context.Context, state *tls.ConnectionState) (Caller, error) {
 	if state == nil || len(state.VerifiedChains) == 0 || len(state.VerifiedChains[0]) == 0 {
-		return Caller{}, refuse(connect.CodeUnauthenticated, ReasonNoCert, errors.New("node procedures need the node's client certificate (mutual TLS)"))
+		return Caller{}, refuse(connect.CodeUnauthenticated, refusal.NoCert, errors.New("node procedures need the node's client certificate (mutual TLS)"))
 	}
 	leaf := state.VerifiedChains[0][0]
 	nodeID, err := certs.NodeIDFromCert(i.cfg.TrustDomain, leaf)
 	if err != nil {
-		return Caller{}, refuse(connect.CodePermissionDenied, ReasonUnknown, err)
+		return Caller{}, refuse(connect.CodePermissionDenied, refusal.Unknown, err)
 	}
 	if now := i.clock.Now(); now.After(leaf.NotAfter) {
-		return Caller{}, refuse(connect.CodeUnauthenticated, ReasonExpired, fmt.Errorf("node %s: certificate expired at %s", nodeID, leaf.NotAfter.UTC().Format(time.RFC3339)))
+		return Caller{}, refuse(connect.CodeUnauthenticated, refusal.Expired, fmt.Errorf("node %s: certificate expired at %s", nodeID, leaf.NotAfter.UTC().Format(time.RFC3339)))
 	}
 	serial := certs.SerialHex(leaf)
 	node, err := i.cfg.Nodes.GetNode(ctx, nodeID)
 	switch {
 	case errors.Is(err, control.ErrNotFound):
-		return Caller{}, refuse(connect.CodePermissionDenied, ReasonUnknown, fmt.Errorf("node %s is not known to this control plane", nodeID))
+		return Caller{}, refuse(connect.CodePermissionDenied, refusal.Unknown, fmt.Errorf("node %s is not known to this control plane", nodeID))
 	case err != nil:
 		i.log.ErrorContext(ctx, "authorize node", "node_id", nodeID, "err", err)
 		return Caller{}, connect.NewError(connect.CodeInternal, errors.New("internal error"))
@@ -230,14 +214,14 @@ func (i *interceptor) checkNode(ctx context.Context, state *tls.ConnectionState)
 	}
 	if serial != node.CertSerial {
 		if serial != node.NextCertSerial {
-			return Caller{}, refuse(connect.CodePermissionDenied, ReasonSuperseded, fmt.Errorf("node %s: certificate %s has been superseded by a renewal", nodeID, serial))
+			return Caller{}, refuse(connect.CodePermissionDenied, refusal.Superseded, fmt.Errorf("node %s: certificate %s has been superseded by a renewal", nodeID, serial))
 		}
 		if _, err := i.cfg.Nodes.PromoteSerial(ctx, nodeID, serial); err != nil {
 			switch {
 			case errors.Is(err, control.ErrNodeRemoved):
 				return Caller{}, revoked(nodeID)
 			case errors.Is(err, control.ErrNotCurrentCert):
-				return Caller{}, refuse(connect.CodePermissionDenied, ReasonSuperseded, fmt.Errorf("node %s: certificate %s has been superseded", nodeID, serial))
+				return Caller{}, refuse(connect.CodePermissionDenied, refusal.Superseded, fmt.Errorf("node %s: certificate %s has been superseded", nodeID, serial))
 			}
 			i.log.ErrorContext(ctx, "promote certificate", "node_id", nodeID, "serial", serial, "err", err)
 			return Caller{}, connect.NewError(connect.CodeInternal, errors.New("internal error"))
@@ -248,12 +232,12 @@ func (i *interceptor) checkNode(ctx context.Context, state *tls.ConnectionState)
 }
 
 func revoked(nodeID string) error {
-	return refuse(connect.CodePermissionDenied, ReasonRevoked, fmt.Errorf("node %s has been removed and its certificate revoked", nodeID))
+	return refuse(connect.CodePermissionDenied, refusal.Revoked, fmt.Errorf("node %s has been removed and its certificate revoked", nodeID))
 }
 
 func refuse(code connect.Code, reason string, err error) error {
 	cerr := connect.NewError(code, err)
-	cerr.Meta().Set(ReasonHeader, reason)
+	cerr.Meta().Set(refusal.ReasonHeader, reason)
 	return cerr
 }
 

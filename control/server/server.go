@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/llorch/llorch/internal/refusal"
 	"log/slog"
 	"net"
 	"net/http"
@@ -206,7 +207,7 @@ func (s *Server) handler() http.Handler {
 		AllowedOrigins: cfg.CORSOrigins,
 		AllowedMethods: connectcors.AllowedMethods(),
 		AllowedHeaders: append(connectcors.AllowedHeaders(), "Authorization"),
-		ExposedHeaders: append(connectcors.ExposedHeaders(), authz.ReasonHeader),
+		ExposedHeaders: append(connectcors.ExposedHeaders(), refusal.ReasonHeader),
 		MaxAge:         7200,
 	}).Handler(mux)
 }

@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"github.com/llorch/llorch/internal/refusal"
 	"net"
 	"net/http"
 	"strconv"
@@ -19,7 +20,6 @@ import (
 	"golang.org/x/net/http2"
 
 	"github.com/llorch/llorch/certs"
-	"github.com/llorch/llorch/control/authz"
 	"github.com/llorch/llorch/edge"
 	"github.com/llorch/llorch/edge/state"
 	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
@@ -88,12 +88,12 @@ func Explain(err error) error {
 	if !errors.As(err, &cerr) {
 		return err
 	}
-	switch cerr.Meta().Get(authz.ReasonHeader) {
-	case authz.ReasonRevoked:
+	switch cerr.Meta().Get(refusal.ReasonHeader) {
+	case refusal.Revoked:
 		return edge.ErrRevoked
-	case authz.ReasonExpired:
+	case refusal.Expired:
 		return edge.ErrCertExpired
-	case authz.ReasonSuperseded:
+	case refusal.Superseded:
 		return edge.ErrSuperseded
 	}
 	if cerr.Code() == connect.CodeUnavailable {
@@ -109,7 +109,7 @@ func RetryAfter(err error) time.Duration {
 	if !errors.As(err, &cerr) {
 		return 0
 	}
-	ms, err := strconv.ParseInt(cerr.Meta().Get(authz.RetryAfterHeader), 10, 64)
+	ms, err := strconv.ParseInt(cerr.Meta().Get(refusal.RetryAfterHeader), 10, 64)
 	if err != nil || ms <= 0 {
 		return 0
 	}
