@@ -272,8 +272,13 @@ func (s *Server) Run(ctx context.Context) error {
 	s.registry.DisconnectAll("control plane shutting down", reconnectSpread(len(s.registry.Nodes())))
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	s.publicSrv.Shutdown(shutdownCtx)
-	s.localSrv.Shutdown(shutdownCtx)
+	if s.publicSrv.Shutdown(shutdownCtx) != nil {
+		// Sessions that ignored their DISCONNECT: cut them.
+		s.publicSrv.Close()
+	}
+	if s.localSrv.Shutdown(shutdownCtx) != nil {
+		s.localSrv.Close()
+	}
 	stopRegistry()
 	<-regDone
 	return err
