@@ -64,12 +64,13 @@ token made on the spot; later runs reuse its identity. Stop with Ctrl-C.`,
 			fmt.Fprintf(out, "llorch dev: control plane %s at %s (data %s)\n", version.Version, srv.URL(), cfg.DataDir)
 			fmt.Fprintf(out, "CA fingerprint: %s\n", srv.Fingerprint())
 			fmt.Fprintf(out, "local edge: node %s (%s), state %s, engine handoff files in %s\n\n", res.Identity.NodeID, res.Identity.NodeName, edgeDir, filepath.Join(dir, "engines"))
+			self := os.Args[0] // as the user ran it, e.g. bin/control
 			fmt.Fprintf(out, "In another terminal:\n")
-			fmt.Fprintf(out, "  control node list --data %s\n\n", cfg.DataDir)
+			fmt.Fprintf(out, "  %s node list --data %s\n\n", self, cfg.DataDir)
 			fmt.Fprintf(out, "To enroll another machine, serve on an address it can reach (with an API token), e.g.\n")
-			fmt.Fprintf(out, "  LLORCH_API_TOKEN=$(openssl rand -hex 32) control dev --listen 0.0.0.0:8443 --san <this machine's IP or name>\n")
+			fmt.Fprintf(out, "  LLORCH_API_TOKEN=$(openssl rand -hex 32) %s dev --listen 0.0.0.0:8443 --san <this machine's IP or name>\n", self)
 			fmt.Fprintf(out, "then:\n")
-			fmt.Fprintf(out, "  control token create --data %s --name gpu-2 > token.txt\n", cfg.DataDir)
+			fmt.Fprintf(out, "  %s token create --data %s --name gpu-2 > token.txt\n", self, cfg.DataDir)
 			fmt.Fprintf(out, "  edge enroll --control https://<this machine>:%s --token-file token.txt   (on the other machine)\n", port(srv.Addr()))
 			fmt.Fprintf(out, "  edge run\n")
 			select {
