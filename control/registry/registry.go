@@ -91,9 +91,8 @@ func (c Config) Validate() error {
 // View is what the registry knows about one node.
 type View struct {
 	control.Node
-	System    *llorchv1.NodeSystem
-	Report    *llorchv1.NodeStatusReport
-	Connected bool
+	System *llorchv1.NodeSystem
+	Report *llorchv1.NodeStatusReport
 }
 
 type entry struct {
@@ -425,7 +424,7 @@ func (r *Registry) Nodes() []View {
 func (e *entry) view() View {
 	n := e.node
 	n.LastSeen = e.lastSeen()
-	return View{Node: n, System: e.system, Report: e.report, Connected: e.session != nil}
+	return View{Node: n, System: e.system, Report: e.report}
 }
 
 // Enrolled adds a newly enrolled node.
