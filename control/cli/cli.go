@@ -13,6 +13,8 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
+
+	"github.com/llorch/llorch/internal/version"
 )
 
 // Main runs the command line and returns the process exit code.
@@ -30,6 +32,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	root := &cobra.Command{
 		Use:           "control",
 		Short:         "llorch control plane: enrolls GPU machines and keeps track of them",
+		Version:       version.Version,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}

@@ -17,7 +17,7 @@ import (
 )
 
 func newNodeCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "node", Short: "List, inspect and remove nodes"}
+	cmd := &cobra.Command{Use: "node", Short: "List, inspect, drain, renew and remove nodes; follow their events"}
 	cmd.AddCommand(newNodeListCmd(), newNodeShowCmd(), newNodeDrainCmd(true), newNodeDrainCmd(false), newNodeRenewCmd(), newNodeRemoveCmd(), newNodeEventsCmd())
 	return cmd
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/llorch/llorch/edge/enroll"
 	"github.com/llorch/llorch/edge/state"
+	"github.com/llorch/llorch/internal/version"
 )
 
 // Main runs the command line and returns the process exit code.
@@ -23,6 +24,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root := &cobra.Command{
 		Use:           "edge",
 		Short:         "llorch edge agent: enrolls this GPU machine and keeps it connected to the control plane",
+		Version:       version.Version,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
