@@ -4,6 +4,7 @@
 package control
 
 import (
+	"crypto/subtle"
 	"errors"
 	"time"
 )
@@ -65,6 +66,24 @@ type JoinToken struct {
 	Uses       int
 	// RevokedAt is the zero time unless the token was revoked.
 	RevokedAt time.Time
+}
+
+// Claimable says why a machine holding the secret with secretHash cannot
+// spend one use of t at now, or nil if it can. The checks come in this order,
+// so callers report the same reason: unknown (the secret differs, compared in
+// constant time), revoked, expired, used up.
+func (t JoinToken) Claimable(secretHash []byte, now time.Time) error {
+	switch {
+	case subtle.ConstantTimeCompare(t.SecretHash, secretHash) != 1:
+		return ErrTokenUnknown
+	case !t.RevokedAt.IsZero():
+		return ErrTokenRevoked
+	case !now.Before(t.ExpiresAt):
+		return ErrTokenExpired
+	case t.Uses >= t.MaxUses:
+		return ErrTokenUsed
+	}
+	return nil
 }
 
 // Event is one recorded fact about the fleet.

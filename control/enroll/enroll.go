@@ -6,7 +6,6 @@ package enroll
 
 import (
 	"context"
-	"crypto/subtle"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -187,7 +186,7 @@ func (s *Service) Enroll(ctx context.Context, token string, csrDER []byte, hostn
 	case err != nil:
 		return Enrollment{}, fmt.Errorf("enroll: %w", err)
 	}
-	if err := usable(stored, jt.SecretHash(), now); err != nil {
+	if err := stored.Claimable(jt.SecretHash(), now); err != nil {
 		s.log.InfoContext(ctx, "enrollment refused", "token_id", jt.ID, "reason", err)
 		return Enrollment{}, err
 	}
@@ -220,22 +219,6 @@ func (s *Service) Enroll(ctx context.Context, token string, csrDER []byte, hostn
 	}
 	s.log.InfoContext(ctx, "node enrolled", "node_id", node.ID, "name", node.Name, "token_id", jt.ID, "serial", node.CertSerial)
 	return Enrollment{Node: node, Chain: chain}, nil
-}
-
-// usable says why a stored token cannot be claimed now, in the order the
-// store's claim reports it.
-func usable(t control.JoinToken, secretHash []byte, now time.Time) error {
-	switch {
-	case subtle.ConstantTimeCompare(t.SecretHash, secretHash) != 1:
-		return control.ErrTokenUnknown
-	case !t.RevokedAt.IsZero():
-		return control.ErrTokenRevoked
-	case !now.Before(t.ExpiresAt):
-		return control.ErrTokenExpired
-	case t.Uses >= t.MaxUses:
-		return control.ErrTokenUsed
-	}
-	return nil
 }
 
 // nodeName is the token's name, else the edge's hostname if it is a usable

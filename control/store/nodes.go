@@ -2,7 +2,6 @@ package store
 
 import (
 	"context"
-	"crypto/subtle"
 	"database/sql"
 	"errors"
 	"fmt"
@@ -77,14 +76,9 @@ func claimError(ctx context.Context, tx *sql.Tx, tokenID string, secretHash []by
 		return control.ErrTokenUnknown
 	case err != nil:
 		return err
-	case subtle.ConstantTimeCompare(t.SecretHash, secretHash) != 1:
-		return control.ErrTokenUnknown
-	case !t.RevokedAt.IsZero():
-		return control.ErrTokenRevoked
-	case !now.Before(t.ExpiresAt):
-		return control.ErrTokenExpired
-	case t.Uses >= t.MaxUses:
-		return control.ErrTokenUsed
+	}
+	if err := t.Claimable(secretHash, now); err != nil {
+		return err
 	}
 	return fmt.Errorf("token %q: claim changed no row, yet the token looks usable", tokenID)
 }

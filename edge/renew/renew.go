@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"math/rand/v2"
 	"time"
 
@@ -39,7 +38,7 @@ func Due(notBefore, notAfter time.Time, rnd float64) time.Time {
 	if life <= 0 {
 		return notBefore
 	}
-	rnd = clamp01(rnd)
+	rnd = backoff.Unit(rnd)
 	at := life - life/3 // 2/3 of it, without overflowing life*2
 	jitter := time.Duration((2*rnd - 1) * float64(life/20))
 	due := notBefore.Add(at + jitter)
@@ -47,17 +46,6 @@ func Due(notBefore, notAfter time.Time, rnd float64) time.Time {
 		return notBefore
 	}
 	return due
-}
-
-func clamp01(f float64) float64 {
-	switch {
-	case f >= 1:
-		return math.Nextafter(1, 0)
-	case f > 0:
-		return f
-	default: // also NaN
-		return 0
-	}
 }
 
 // Config is what Run needs.

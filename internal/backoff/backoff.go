@@ -25,10 +25,12 @@ func FullJitter(attempt int, minWait, maxWait time.Duration, rnd float64) time.D
 		ceil *= 2
 	}
 	ceil = min(ceil, maxWait)
-	return time.Duration(clamp01(rnd) * float64(ceil))
+	return time.Duration(Unit(rnd) * float64(ceil))
 }
 
-func clamp01(f float64) float64 {
+// Unit clamps a random draw into [0, 1): values at or above 1 become the
+// largest float below 1, and negatives and NaN become 0.
+func Unit(f float64) float64 {
 	switch {
 	case f >= 1:
 		return math.Nextafter(1, 0)
