@@ -84,10 +84,7 @@ token made on the spot; later runs reuse its identity. Stop with Ctrl-C.`,
 	f := cmd.Flags()
 	f.StringVar(&dir, "dir", ".llorch", "directory for the control plane's data and the local edge's state")
 	f.StringVar(&cfg.Listen, "listen", server.DefaultListen, "address of the TLS port")
-	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", cfg.HeartbeatInterval, "heartbeat interval edges are told to use")
-	f.Float64Var(&cfg.RegistrationRate, "registration-rate", cfg.RegistrationRate, "new edge sessions admitted per second; more are told when to retry (0: no pacing)")
-	f.IntVar(&cfg.RegistrationBurst, "registration-burst", cfg.RegistrationBurst, "new edge sessions admitted at once before pacing starts")
-	f.DurationVar(&cfg.OfflineAfter, "offline-after", cfg.OfflineAfter, "a node silent this long is offline")
+	addFleetFlags(f, &cfg)
 	f.StringArrayVar(&cfg.SANs, "san", nil, "extra DNS name or IP for the server certificate (repeatable)")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd

@@ -5,6 +5,7 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/llorch/llorch/control/server"
 	"github.com/llorch/llorch/internal/logging"
@@ -52,13 +53,18 @@ A non-loopback --listen needs LLORCH_API_TOKEN, so that API clients authenticate
 	f.StringArrayVar(&cfg.SANs, "san", nil, "DNS name or IP the server certificate is valid for (repeatable; default: localhost, 127.0.0.1, ::1)")
 	f.StringVar(&cfg.TrustDomain, "trust-domain", server.DefaultTrustDomain, "SPIFFE trust domain of node identities (fixed when the CA is created)")
 	f.DurationVar(&cfg.NodeCertLifetime, "node-cert-lifetime", server.DefaultNodeCertLifetime, "lifetime of node certificates (5m to 720h)")
-	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", cfg.HeartbeatInterval, "heartbeat interval edges are told to use")
-	f.Float64Var(&cfg.RegistrationRate, "registration-rate", cfg.RegistrationRate, "new edge sessions admitted per second; more are told when to retry (0: no pacing)")
-	f.IntVar(&cfg.RegistrationBurst, "registration-burst", cfg.RegistrationBurst, "new edge sessions admitted at once before pacing starts")
-	f.DurationVar(&cfg.OfflineAfter, "offline-after", cfg.OfflineAfter, "a node silent this long is offline (at least twice the heartbeat interval)")
+	addFleetFlags(f, &cfg)
 	f.StringVar(&cfg.AdvertiseURL, "advertise-url", os.Getenv("LLORCH_ADVERTISE_URL"), "URL edges are told to dial (default: https://<listen>) [LLORCH_ADVERTISE_URL]")
 	f.StringArrayVar(&cfg.CORSOrigins, "cors-origin", nil, "browser origin allowed to call the API (repeatable; default: none)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd
+}
+
+// addFleetFlags adds the liveness and pacing flags serve and dev share.
+func addFleetFlags(f *pflag.FlagSet, cfg *server.Config) {
+	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", cfg.HeartbeatInterval, "heartbeat interval edges are told to use")
+	f.DurationVar(&cfg.OfflineAfter, "offline-after", cfg.OfflineAfter, "a node silent this long is offline (at least twice the heartbeat interval)")
+	f.Float64Var(&cfg.RegistrationRate, "registration-rate", cfg.RegistrationRate, "new edge sessions admitted per second; more are told when to retry (0: no pacing)")
+	f.IntVar(&cfg.RegistrationBurst, "registration-burst", cfg.RegistrationBurst, "new edge sessions admitted at once before pacing starts")
 }
