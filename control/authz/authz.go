@@ -103,18 +103,15 @@ func Middleware(next http.Handler, local bool) http.Handler {
 }
 
 type interceptor struct {
-	cfg       Config
-	tokenHash [32]byte
-	clock     clock.Clock
-	log       *slog.Logger
+	cfg   Config
+	token apiToken
+	clock clock.Clock
+	log   *slog.Logger
 }
 
 // NewInterceptor returns the authorization interceptor.
 func NewInterceptor(cfg Config) connect.Interceptor {
-	i := &interceptor{cfg: cfg, clock: cfg.Clock, log: cfg.Logger}
-	if cfg.APIToken != "" {
-		i.tokenHash = sha256.Sum256([]byte(cfg.APIToken))
-	}
+	i := &interceptor{cfg: cfg, token: newAPIToken(cfg.APIToken), clock: cfg.Clock, log: cfg.Logger}
 	if i.clock == nil {
 		i.clock = clock.Real{}
 	}
@@ -158,7 +155,7 @@ func (i *interceptor) authorize(ctx context.Context, procedure string, header ht
 		if info.local {
 			return WithCaller(ctx, Caller{Policy: Admin, Local: true}), nil
 		}
-		if err := i.checkAPIToken(header); err != nil {
+		if err := i.token.check(header); err != nil {
 			return nil, err
 		}
 		return WithCaller(ctx, Caller{Policy: Admin}), nil
@@ -173,8 +170,18 @@ func (i *interceptor) authorize(ctx context.Context, procedure string, header ht
 	}
 }
 
-func (i *interceptor) checkAPIToken(header http.Header) error {
-	if i.cfg.APIToken == "" {
+// apiToken checks bearer tokens against the admin token; it keeps only its hash.
+type apiToken struct {
+	set  bool
+	hash [32]byte
+}
+
+func newAPIToken(token string) apiToken {
+	return apiToken{set: token != "", hash: sha256.Sum256([]byte(token))}
+}
+
+func (t apiToken) check(header http.Header) error {
+	if !t.set {
 		return connect.NewError(connect.CodeUnauthenticated, errors.New("admin procedures need the local socket (--data DIR): this server has no API token configured (LLORCH_API_TOKEN)"))
 	}
 	token, ok := strings.CutPrefix(header.Get("Authorization"), "Bearer ")
@@ -182,7 +189,7 @@ func (i *interceptor) checkAPIToken(header http.Header) error {
 		return connect.NewError(connect.CodeUnauthenticated, errors.New("missing API token: send Authorization: Bearer <token> (LLORCH_API_TOKEN)"))
 	}
 	got := sha256.Sum256([]byte(token))
-	if subtle.ConstantTimeCompare(got[:], i.tokenHash[:]) != 1 {
+	if subtle.ConstantTimeCompare(got[:], t.hash[:]) != 1 {
 		return connect.NewError(connect.CodeUnauthenticated, errors.New("invalid API token"))
 	}
 	return nil
@@ -244,11 +251,11 @@ func refuse(code connect.Code, reason string, err error) error {
 // AdminHTTP guards a plain HTTP handler (such as /metrics) with the admin
 // policy: the local socket, or the API token as a bearer token.
 func AdminHTTP(next http.Handler, apiToken string) http.Handler {
-	i := NewInterceptor(Config{APIToken: apiToken}).(*interceptor)
+	token := newAPIToken(apiToken)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		info, _ := r.Context().Value(connKey{}).(connInfo)
 		if !info.local {
-			if err := i.checkAPIToken(r.Header); err != nil {
+			if err := token.check(r.Header); err != nil {
 				http.Error(w, err.Error(), http.StatusUnauthorized)
 				return
 			}
