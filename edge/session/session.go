@@ -69,8 +69,9 @@ func Run(ctx context.Context, cfg Config) error {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	attempt := 0
+	var interval time.Duration // the heartbeat interval of the last session; 0 before one
 	for {
-		res := runOnce(ctx, cfg)
+		res := runOnce(ctx, cfg, &interval)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -84,7 +85,14 @@ func Run(ctx context.Context, cfg Config) error {
 			cfg.Logger.Info("reconnecting with the renewed certificate")
 			continue
 		}
-		wait := backoff.FullJitter(attempt, cfg.BackoffMin, cfg.BackoffMax, rand.Float64())
+		// Reconnect at least as often as the node heartbeats, so a passing
+		// fault does not outlast the offline threshold (at least two
+		// intervals); the control plane paces crowds with retry hints.
+		ceiling := cfg.BackoffMax
+		if interval > 0 {
+			ceiling = min(ceiling, interval)
+		}
+		wait := backoff.FullJitter(attempt, cfg.BackoffMin, ceiling, rand.Float64())
 		if res.retryAfter > 0 {
 			wait = res.retryAfter
 		}
@@ -112,7 +120,7 @@ type incoming struct {
 }
 
 // runOnce runs one session from dial to loss.
-func runOnce(ctx context.Context, cfg Config) (out outcome) {
+func runOnce(ctx context.Context, cfg Config, lastInterval *time.Duration) (out outcome) {
 	streamCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	stream := cfg.Dial().Connect(streamCtx)
 	defer func() {
@@ -167,6 +175,7 @@ func runOnce(ctx context.Context, cfg Config) (out outcome) {
 	if interval <= 0 {
 		interval = 10 * time.Second
 	}
+	*lastInterval = interval
 	cfg.Logger.Info("session registered", "heartbeat_interval", interval, "draining", registered.GetDraining())
 
 	var (
@@ -223,7 +232,7 @@ func runOnce(ctx context.Context, cfg Config) (out outcome) {
 					delete(sent, m.HeartbeatAck.GetSeq())
 				}
 				if d := m.HeartbeatAck.GetHeartbeatInterval().AsDuration(); d > 0 && d != interval {
-					interval = d
+					interval, *lastInterval = d, d
 				}
 			case *llorchv1.ConnectResponse_Command:
 				cmd := m.Command
