@@ -8,10 +8,10 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"github.com/llorch/llorch/internal/refusal"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -35,6 +35,7 @@ import (
 	"github.com/llorch/llorch/control/store"
 	"github.com/llorch/llorch/internal/clock"
 	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
+	"github.com/llorch/llorch/internal/refusal"
 )
 
 // MaxMessageBytes bounds every request message.
@@ -139,11 +140,26 @@ func (s *Server) open(ctx context.Context) (err error) {
 		return fmt.Errorf("configure HTTP/2: %w", err)
 	}
 	s.localSrv = &http.Server{
-		Handler:           authz.Middleware(handler, true),
+		Handler:           localHandler(authz.Middleware(handler, true)),
 		ReadHeaderTimeout: 10 * time.Second,
 		Protocols:         unencryptedProtocols(),
 	}
 	return nil
+}
+
+// localHandler adds Go's profiler under /debug/pprof/ to what the admin
+// socket serves. Only the socket has it: its file mode is the credential, and
+// profiles are for whoever operates the process (memory per session is
+// measured this way, see docs/BENCHMARKS.md).
+func localHandler(api http.Handler) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	mux.Handle("/", api)
+	return mux
 }
 
 func unencryptedProtocols() *http.Protocols {
