@@ -41,6 +41,12 @@ import (
 // MaxMessageBytes bounds every request message.
 const MaxMessageBytes = 1 << 20
 
+// CompressMinBytes is the smallest response message worth compressing when
+// the client accepts gzip. Heartbeat acks and commands are a few dozen bytes:
+// gzipping them made them larger and cost more CPU than the rest of the
+// heartbeat together (a flate writer's reset clears its hash tables).
+const CompressMinBytes = 1 << 10
+
 // Server is a running control plane.
 type Server struct {
 	cfg       Config
@@ -197,6 +203,7 @@ func (s *Server) handler() http.Handler {
 		connect.WithInterceptors(interceptor),
 		connect.WithReadMaxBytes(MaxMessageBytes),
 		connect.WithSendMaxBytes(4 * MaxMessageBytes),
+		connect.WithCompressMinBytes(CompressMinBytes),
 	}
 	mux := http.NewServeMux()
 	mux.Handle(llorchv1connect.NewEnrollServiceHandler(handlers, opts...))

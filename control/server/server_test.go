@@ -294,6 +294,30 @@ func TestProtocolsOnOnePort(t *testing.T) {
 	}
 }
 
+// Small messages (heartbeat acks, commands, most answers) go out
+// uncompressed even when the client accepts gzip: compressing a few dozen
+// bytes makes them larger and costs more than the rest of the call.
+func TestSmallResponsesNotCompressed(t *testing.T) {
+	srv := servertest.Start(t, nil)
+	roots := x509.NewCertPool()
+	roots.AddCert(srv.Root())
+	client := &http.Client{Transport: &http2.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS13}}}
+	req, _ := http.NewRequest(http.MethodPost, srv.URL()+llorchv1connect.InfoServiceGetInfoProcedure, strings.NewReader(""))
+	req.Header.Set("Content-Type", "application/proto")
+	req.Header.Set("Accept-Encoding", "gzip")
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GetInfo: HTTP %d", resp.StatusCode)
+	}
+	if enc := resp.Header.Get("Content-Encoding"); enc != "" {
+		t.Fatalf("a small answer went out with Content-Encoding %q, want none", enc)
+	}
+}
+
 func TestAPIToken(t *testing.T) {
 	const token = "0123456789abcdef0123456789abcdef"
 	srv := servertest.Start(t, func(c *server.Config) { c.APIToken = token })
