@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -315,6 +316,36 @@ func TestSmallResponsesNotCompressed(t *testing.T) {
 	}
 	if enc := resp.Header.Get("Content-Encoding"); enc != "" {
 		t.Fatalf("a small answer went out with Content-Encoding %q, want none", enc)
+	}
+}
+
+// The profiler answers on the admin socket only, never on the public port.
+func TestProfilerOnlyOnTheSocket(t *testing.T) {
+	srv := servertest.Start(t, func(c *server.Config) { c.APIToken = "profile-test-token" })
+	local := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", server.SocketPath(srv.Config.DataDir))
+	}}}
+	resp, err := local.Get("http://control.sock/debug/pprof/heap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("heap profile over the socket: HTTP %d, want 200", resp.StatusCode)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(srv.Root())
+	public := &http.Client{Transport: &http2.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS13}}}
+	req, _ := http.NewRequest(http.MethodGet, srv.URL()+"/debug/pprof/heap", nil)
+	req.Header.Set("Authorization", "Bearer profile-test-token")
+	resp, err = public.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("heap profile on the public port: HTTP %d, want 404", resp.StatusCode)
 	}
 }
 
