@@ -32,8 +32,10 @@ type Config struct {
 	// ControlURL is returned to enrolling edges; empty: they keep the URL they used.
 	ControlURL string
 	Version    string
-	Clock      clock.Clock  // nil: the wall clock
-	Logger     *slog.Logger // nil: discard
+	// RegisterTimeout is how long a new session may take to send Register; 0: 30s.
+	RegisterTimeout time.Duration
+	Clock           clock.Clock  // nil: the wall clock
+	Logger          *slog.Logger // nil: discard
 }
 
 // Server implements every llorch.v1 service.
@@ -51,6 +53,9 @@ func New(cfg Config) *Server {
 	}
 	if s.clk == nil {
 		s.clk = clock.Real{}
+	}
+	if s.cfg.RegisterTimeout == 0 {
+		s.cfg.RegisterTimeout = DefaultRegisterTimeout
 	}
 	return s
 }

@@ -4,124 +4,251 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
+	"os"
 	"strconv"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/llorch/llorch/control/registry"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 	"github.com/llorch/llorch/internal/refusal"
 )
 
-// RegisterTimeout bounds the wait for an edge's first message.
-const RegisterTimeout = 30 * time.Second
+// DefaultRegisterTimeout bounds the wait for an edge's first message.
+const DefaultRegisterTimeout = 30 * time.Second
 
-type received struct {
-	msg *llorchv1.ConnectRequest
-	err error
+type sessionHTTPKey struct{}
+
+// sessionHTTP is what Connect needs of a session's HTTP request that Connect
+// RPC hides: the response controller (read deadlines) and the request body.
+type sessionHTTP struct {
+	ctl  *http.ResponseController
+	body *sessionBody
 }
 
-// Connect holds one edge's session: a Register first, then heartbeats, each
-// acknowledged, while commands flow the other way. Only this goroutine sends
-// on the stream.
-func (s *Server) Connect(ctx context.Context, stream *connect.BidiStream[llorchv1.ConnectRequest, llorchv1.ConnectResponse]) error {
+// SessionHTTP wraps the SessionService handler so that Connect can set its
+// stream's read deadline (an edge that never registers, or a session the
+// control plane ends, gets its pending receive to fail at once) and wait for
+// the next message on the request body itself (see sessionBody).
+func SessionHTTP(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := &sessionHTTP{ctl: http.NewResponseController(w), body: &sessionBody{ReadCloser: r.Body}}
+		r = r.WithContext(context.WithValue(r.Context(), sessionHTTPKey{}, h))
+		r.Body = h.body
+		next.ServeHTTP(w, r)
+	})
+}
+
+// sessionBody lets the session handler wait for the edge's next message
+// with a shallow stack. A goroutine keeps the stack of the deepest point it
+// parks at (the runtime halves a stack only while a quarter of it is
+// unused), and Connect RPC's Receive parks deep enough to keep 16 KiB per
+// session; waiting here keeps 8 KiB. wait blocks until the first byte of the
+// next message has arrived; Receive then decodes it, through Read, without
+// parking.
+type sessionBody struct {
+	io.ReadCloser
+	next     [1]byte
+	buffered bool  // next holds the first byte of the next message
+	err      error // what wait's read returned; Read returns it
+}
+
+// wait blocks until the next message starts or the body fails.
+func (b *sessionBody) wait() {
+	if b.buffered || b.err != nil {
+		return
+	}
+	n, err := b.ReadCloser.Read(b.next[:])
+	b.buffered = n == 1
+	if n == 0 {
+		b.err = err
+	}
+}
+
+func (b *sessionBody) Read(p []byte) (int, error) {
+	switch {
+	case len(p) == 0:
+		return 0, nil
+	case b.buffered:
+		p[0], b.buffered = b.next[0], false
+		return 1, nil
+	case b.err != nil:
+		return 0, b.err
+	}
+	return b.ReadCloser.Read(p)
+}
+
+type bidiStream = connect.BidiStream[llorchv1.ConnectRequest, llorchv1.ConnectResponse]
+
+// Connect holds one edge's session on this one goroutine: a Register first,
+// then heartbeats, each acknowledged. Commands are pushed by the registry on
+// the same stream, from a goroutine of its own. While it waits, a session
+// costs this goroutine and nothing more; its frame stays small, because it
+// is on the stack the whole session long.
+func (s *Server) Connect(ctx context.Context, stream *bidiStream) error {
+	h, ok := ctx.Value(sessionHTTPKey{}).(*sessionHTTP)
+	if !ok {
+		return s.fail(ctx, errors.New("session handler mounted without SessionHTTP"))
+	}
+	out := &sessionStream{stream: stream, ctl: h.ctl}
+	defer out.finish()
+	sess, interval, err := s.openSession(ctx, out)
+	if sess == nil {
+		return err
+	}
+	return s.serveSession(ctx, sess, out, h.body, interval)
+}
+
+// openSession admits the session, waits for Register, registers the node
+// and answers Registered. A nil session means the stream is over, with the
+// error to return.
+func (s *Server) openSession(ctx context.Context, out *sessionStream) (*registry.Session, *durationpb.Duration, error) {
 	c, err := s.nodeCaller(ctx)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	if ok, wait := s.cfg.Registry.Admit(); !ok {
 		cerr := connect.NewError(connect.CodeUnavailable, fmt.Errorf("too many sessions registering at once; retry in %s", wait.Round(time.Millisecond)))
 		cerr.Meta().Set(refusal.RetryAfterHeader, strconv.FormatInt(wait.Milliseconds(), 10))
-		return cerr
+		return nil, nil, cerr
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	msgs := make(chan received, 1)
-	go func() {
-		for {
-			m, err := stream.Receive()
-			select {
-			case msgs <- received{m, err}:
-			case <-ctx.Done():
-				return
-			}
-			if err != nil {
-				return
-			}
-		}
-	}()
-
-	var first received
-	select {
-	case first = <-msgs:
-	case <-time.After(RegisterTimeout):
-		return connect.NewError(connect.CodeDeadlineExceeded, errors.New("no Register message within 30s"))
+	// Deadlines on the stream run on the wall clock, as the HTTP/2 server does.
+	if err := out.ctl.SetReadDeadline(time.Now().Add(s.cfg.RegisterTimeout)); err != nil {
+		return nil, nil, s.fail(ctx, fmt.Errorf("session read deadline: %w", err))
 	}
-	if first.err != nil {
-		return nil
+	first, err := out.stream.Receive()
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return nil, nil, connect.NewError(connect.CodeDeadlineExceeded, fmt.Errorf("no Register message within %s", s.cfg.RegisterTimeout))
 	}
-	reg := first.msg.GetRegister()
-	if reg == nil {
-		return connect.NewError(connect.CodeInvalidArgument, errors.New("the first message of a session must be Register"))
-	}
-	sess, registered, err := s.cfg.Registry.Connect(ctx, c.NodeID, reg.GetSystem(), reg.GetStatus())
 	if err != nil {
-		return s.fail(ctx, err)
+		return nil, nil, nil
+	}
+	out.ctl.SetReadDeadline(time.Time{})
+	reg := first.GetRegister()
+	if reg == nil {
+		return nil, nil, connect.NewError(connect.CodeInvalidArgument, errors.New("the first message of a session must be Register"))
+	}
+	// Registered goes out before any command the registry pushes.
+	out.sendMu.Lock()
+	defer out.sendMu.Unlock()
+	sess, registered, err := s.cfg.Registry.Connect(c.NodeID, reg.GetSystem(), reg.GetStatus(), out)
+	if err != nil {
+		return nil, nil, s.fail(ctx, err)
+	}
+	if err := out.stream.Send(&llorchv1.ConnectResponse{Message: &llorchv1.ConnectResponse_Registered{Registered: registered}}); err != nil {
+		sess.Close(false, "session lost: "+lostReason(err))
+		return nil, nil, nil
 	}
 	s.log.InfoContext(ctx, "session opened", "node_id", c.NodeID, "hostname", reg.GetSystem().GetHostname(), "agent_version", reg.GetSystem().GetAgentVersion())
-	if err := stream.Send(&llorchv1.ConnectResponse{Message: &llorchv1.ConnectResponse_Registered{Registered: registered}}); err != nil {
-		sess.Close(false, "session lost: "+err.Error())
-		return nil
-	}
-	interval := registered.GetHeartbeatInterval()
+	return sess, registered.GetHeartbeatInterval(), nil
+}
+
+// serveSession receives heartbeats and acknowledges them until the stream
+// ends, the edge says goodbye, or the control plane ends the session.
+func (s *Server) serveSession(ctx context.Context, sess *registry.Session, out *sessionStream, body *sessionBody, interval *durationpb.Duration) error {
 	for {
-		select {
-		case r := <-msgs:
-			if r.err != nil {
-				sess.Close(false, "session lost: "+lostReason(r.err))
-				return nil
+		body.wait()
+		msg, err := out.stream.Receive()
+		if err != nil {
+			return endSession(sess, err)
+		}
+		switch m := msg.GetMessage().(type) {
+		case *llorchv1.ConnectRequest_Heartbeat:
+			if err := sess.Heartbeat(m.Heartbeat.GetStatus()); err != nil {
+				return connect.NewError(connect.CodeAborted, err)
 			}
-			switch m := r.msg.GetMessage().(type) {
-			case *llorchv1.ConnectRequest_Heartbeat:
-				if err := sess.Heartbeat(m.Heartbeat.GetStatus()); err != nil {
-					return connect.NewError(connect.CodeAborted, err)
-				}
-				ack := &llorchv1.HeartbeatAck{Seq: m.Heartbeat.GetSeq(), HeartbeatInterval: interval}
-				if err := stream.Send(&llorchv1.ConnectResponse{Message: &llorchv1.ConnectResponse_HeartbeatAck{HeartbeatAck: ack}}); err != nil {
-					sess.Close(false, "session lost: "+lostReason(err))
-					return nil
-				}
-			case *llorchv1.ConnectRequest_Goodbye:
-				reason := m.Goodbye.GetReason()
-				if reason == "" {
-					reason = "shutdown"
-				}
-				sess.Close(true, reason)
-				s.log.InfoContext(ctx, "session closed by the edge", "node_id", c.NodeID, "reason", reason)
-				return nil
-			default:
-				sess.Close(false, "protocol error")
-				return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("unexpected message %T after Register", m))
-			}
-		case cmd := <-sess.Commands():
-			if err := stream.Send(&llorchv1.ConnectResponse{Message: &llorchv1.ConnectResponse_Command{Command: cmd}}); err != nil {
+			ack := &llorchv1.HeartbeatAck{Seq: m.Heartbeat.GetSeq(), HeartbeatInterval: interval}
+			if err := out.send(&llorchv1.ConnectResponse{Message: &llorchv1.ConnectResponse_HeartbeatAck{HeartbeatAck: ack}}); err != nil {
 				sess.Close(false, "session lost: "+lostReason(err))
 				return nil
 			}
-			if cmd.GetKind() == llorchv1.CommandKind_COMMAND_KIND_DISCONNECT {
-				sess.Close(false, "disconnected by the control plane: "+cmd.GetReason())
-				return nil
+		case *llorchv1.ConnectRequest_Goodbye:
+			reason := m.Goodbye.GetReason()
+			if reason == "" {
+				reason = "shutdown"
 			}
-		case <-sess.Context().Done():
-			if ctx.Err() != nil {
-				sess.Close(false, "session lost: connection closed")
-				return nil
-			}
-			sess.Close(false, "session ended by the control plane")
-			return connect.NewError(connect.CodeAborted, registry.ErrSessionReplaced)
+			sess.Close(true, reason)
+			s.log.InfoContext(ctx, "session closed by the edge", "node_id", sess.NodeID(), "reason", reason)
+			return nil
+		default:
+			sess.Close(false, "protocol error")
+			return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("unexpected message %T after Register", m))
 		}
 	}
+}
+
+// endSession closes a session whose stream failed with err, and says what
+// the edge is told: nothing more when the stream was lost or the control
+// plane disconnected it, why when the control plane ended it otherwise.
+func endSession(sess *registry.Session, err error) error {
+	why := sess.Ended()
+	switch {
+	case why == nil:
+		sess.Close(false, "session lost: "+lostReason(err))
+		return nil
+	case errors.Is(why, registry.ErrDisconnected):
+		sess.Close(false, why.Error())
+		return nil
+	}
+	sess.Close(false, why.Error())
+	return connect.NewError(connect.CodeAborted, why)
+}
+
+// sessionStream is the registry's handle on a session's stream. Commands are
+// pushed from the registry's goroutine while the handler receives and
+// acknowledges on its own, so sends are serialized; once the handler
+// returns, the stream is never touched again (the HTTP/2 server forbids it).
+type sessionStream struct {
+	stream *bidiStream
+	ctl    *http.ResponseController
+
+	sendMu sync.Mutex // one Send at a time; held across a Send
+	mu     sync.Mutex // guards done for End, which must not wait for a Send
+	done   bool       // the handler has returned; written with both locks held
+}
+
+var errStreamDone = errors.New("the session's stream is closed")
+
+func (s *sessionStream) send(m *llorchv1.ConnectResponse) error {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	if s.done {
+		return errStreamDone
+	}
+	return s.stream.Send(m)
+}
+
+// Push implements registry.Stream.
+func (s *sessionStream) Push(c *llorchv1.Command) error {
+	return s.send(&llorchv1.ConnectResponse{Message: &llorchv1.ConnectResponse_Command{Command: c}})
+}
+
+// pastDeadline is any time before now: a read deadline there fails a
+// pending receive at once.
+var pastDeadline = time.Unix(1, 0)
+
+// End implements registry.Stream: the pending receive fails at once.
+func (s *sessionStream) End() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.done {
+		s.ctl.SetReadDeadline(pastDeadline)
+	}
+}
+
+// finish marks the stream done as the handler returns, after any push in
+// flight.
+func (s *sessionStream) finish() {
+	s.sendMu.Lock()
+	s.mu.Lock()
+	s.done = true
+	s.mu.Unlock()
+	s.sendMu.Unlock()
 }
 
 func lostReason(err error) string {

@@ -470,8 +470,8 @@ func (r *Registry) Remove(ctx context.Context, id, reason string) (control.Node,
 	r.mu.Lock()
 	if e, ok := r.nodes[id]; ok {
 		if e.session != nil {
+			// The session ends once the edge has been told why.
 			e.session.send(&llorchv1.Command{Kind: llorchv1.CommandKind_COMMAND_KIND_DISCONNECT, Reason: "node removed: " + reason})
-			e.session.cancel()
 			e.session = nil
 			r.metrics.SessionClosed()
 		}

@@ -131,16 +131,68 @@ func (e *env) waitEvent(tb testing.TB, id, reason string) {
 	tb.Fatalf("no event %q for node %s", reason, id)
 }
 
-func connect(tb testing.TB, reg *registry.Registry, id string) *registry.Session {
+// fakeStream is a session's stream: it records the commands the registry
+// pushes and whether the registry ended the session.
+type fakeStream struct {
+	pushed  chan *llorchv1.Command
+	ended   chan struct{}
+	endOnce sync.Once
+	// hold, when not nil, makes Push wait for it: an edge that is not reading.
+	hold chan struct{}
+}
+
+func newFakeStream() *fakeStream {
+	return &fakeStream{pushed: make(chan *llorchv1.Command, 64), ended: make(chan struct{})}
+}
+
+func (f *fakeStream) Push(c *llorchv1.Command) error {
+	if f.hold != nil {
+		<-f.hold
+	}
+	f.pushed <- c
+	return nil
+}
+
+func (f *fakeStream) End() { f.endOnce.Do(func() { close(f.ended) }) }
+
+// next returns the next pushed command, failing the test after a while.
+func (f *fakeStream) next(tb testing.TB) *llorchv1.Command {
 	tb.Helper()
-	s, reply, err := reg.Connect(context.Background(), id, &llorchv1.NodeSystem{Hostname: id}, &llorchv1.NodeStatusReport{})
+	select {
+	case c := <-f.pushed:
+		return c
+	case <-time.After(5 * time.Second):
+		tb.Fatal("no command pushed to the session")
+		return nil
+	}
+}
+
+// waitEnded fails the test unless the registry ends the session.
+func (f *fakeStream) waitEnded(tb testing.TB) {
+	tb.Helper()
+	select {
+	case <-f.ended:
+	case <-time.After(5 * time.Second):
+		tb.Fatal("the registry did not end the session")
+	}
+}
+
+type testSession struct {
+	*registry.Session
+	stream *fakeStream
+}
+
+func connect(tb testing.TB, reg *registry.Registry, id string) testSession {
+	tb.Helper()
+	stream := newFakeStream()
+	s, reply, err := reg.Connect(id, &llorchv1.NodeSystem{Hostname: id}, &llorchv1.NodeStatusReport{}, stream)
 	if err != nil {
 		tb.Fatalf("connect %s: %v", id, err)
 	}
 	if reply.GetHeartbeatInterval().AsDuration() != interval {
 		tb.Errorf("heartbeat interval %v, want %v", reply.GetHeartbeatInterval().AsDuration(), interval)
 	}
-	return s
+	return testSession{s, stream}
 }
 
 func TestTransitions(t *testing.T) {
@@ -195,7 +247,7 @@ func TestTransitions(t *testing.T) {
 				t.Fatalf("before connecting: %s", got)
 			}
 			s := connect(t, e.reg, "n1")
-			tt.run(t, e, s)
+			tt.run(t, e, s.Session)
 			if got := e.status(t, "n1"); got != tt.want {
 				t.Fatalf("status %s, want %s", got, tt.want)
 			}
@@ -248,13 +300,8 @@ func TestDrainAndRemove(t *testing.T) {
 	if _, err := e.reg.Drain(ctx, "n1", true, "maintenance"); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case cmd := <-s.Commands():
-		if cmd.GetKind() != llorchv1.CommandKind_COMMAND_KIND_DRAIN || cmd.GetReason() != "maintenance" {
-			t.Fatalf("command %v, want DRAIN", cmd)
-		}
-	default:
-		t.Fatal("no command pushed to the session")
+	if cmd := s.stream.next(t); cmd.GetKind() != llorchv1.CommandKind_COMMAND_KIND_DRAIN || cmd.GetReason() != "maintenance" {
+		t.Fatalf("command %v, want DRAIN", cmd)
 	}
 	// Draining survives a restart.
 	e.restart(t)
@@ -265,16 +312,91 @@ func TestDrainAndRemove(t *testing.T) {
 	if _, err := e.reg.Remove(ctx, "n1", "decommissioned"); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case <-s.Context().Done():
-	default:
-		t.Fatal("the removed node's session is still open")
+	// The edge is told why, then the session ends.
+	if cmd := s.stream.next(t); cmd.GetKind() != llorchv1.CommandKind_COMMAND_KIND_DISCONNECT || cmd.GetReason() != "node removed: decommissioned" {
+		t.Fatalf("command %v, want DISCONNECT", cmd)
+	}
+	s.stream.waitEnded(t)
+	if why := s.Ended(); !errors.Is(why, registry.ErrDisconnected) {
+		t.Fatalf("Ended() = %v, want ErrDisconnected", why)
 	}
 	if _, ok := e.reg.Node("n1"); ok {
 		t.Fatal("removed node still in the registry")
 	}
-	if _, _, err := e.reg.Connect(ctx, "n1", nil, nil); !errors.Is(err, registry.ErrUnknownNode) {
+	if _, _, err := e.reg.Connect("n1", nil, nil, newFakeStream()); !errors.Is(err, registry.ErrUnknownNode) {
 		t.Fatalf("connect after removal: %v, want ErrUnknownNode", err)
+	}
+}
+
+// Commands reach the edge in the order they were given, one at a time.
+func TestCommandsInOrder(t *testing.T) {
+	e := newEnv(t, "n1")
+	s := connect(t, e.reg, "n1")
+	ctx := context.Background()
+	for i := range 5 {
+		if _, err := e.reg.Drain(ctx, "n1", i%2 == 0, "flip"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.reg.RenewNow("n1"); err != nil {
+		t.Fatal(err)
+	}
+	want := []llorchv1.CommandKind{
+		llorchv1.CommandKind_COMMAND_KIND_DRAIN, llorchv1.CommandKind_COMMAND_KIND_UNDRAIN,
+		llorchv1.CommandKind_COMMAND_KIND_DRAIN, llorchv1.CommandKind_COMMAND_KIND_UNDRAIN,
+		llorchv1.CommandKind_COMMAND_KIND_DRAIN, llorchv1.CommandKind_COMMAND_KIND_RENEW_NOW,
+	}
+	for i, kind := range want {
+		if got := s.stream.next(t).GetKind(); got != kind {
+			t.Fatalf("command %d: %s, want %s", i, got, kind)
+		}
+	}
+	if why := s.Ended(); why != nil {
+		t.Fatalf("session ended: %v", why)
+	}
+}
+
+// DisconnectAll tells every edge when to come back, then ends its session;
+// a session the handler has closed gets nothing.
+func TestDisconnectAll(t *testing.T) {
+	e := newEnv(t, "n1", "n2", "n3")
+	s1, s2, s3 := connect(t, e.reg, "n1"), connect(t, e.reg, "n2"), connect(t, e.reg, "n3")
+	s3.Close(false, "session lost: connection reset")
+	e.reg.DisconnectAll("control plane shutting down", 5*time.Second)
+	for _, s := range []testSession{s1, s2} {
+		cmd := s.stream.next(t)
+		if cmd.GetKind() != llorchv1.CommandKind_COMMAND_KIND_DISCONNECT {
+			t.Fatalf("command %v, want DISCONNECT", cmd)
+		}
+		if wait := cmd.GetRetryAfter().AsDuration(); wait < 2*time.Second || wait > 7*time.Second {
+			t.Errorf("retry after %s, want 2s plus up to 5s", wait)
+		}
+		s.stream.waitEnded(t)
+	}
+	select {
+	case cmd := <-s3.stream.pushed:
+		t.Fatalf("a closed session got %v", cmd)
+	case <-s3.stream.ended:
+		t.Fatal("a closed session was ended")
+	case <-time.After(50 * time.Millisecond):
+	}
+}
+
+// An edge that does not take its commands is not waited for: the registry
+// stays responsive, and the session ends once too many are queued.
+func TestStuckEdgeIsEnded(t *testing.T) {
+	e := newEnv(t, "n1")
+	s := connect(t, e.reg, "n1")
+	s.stream.hold = make(chan struct{})
+	defer close(s.stream.hold)
+	for range 20 {
+		if err := e.reg.RenewNow("n1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.stream.waitEnded(t)
+	if why := s.Ended(); !errors.Is(why, registry.ErrTooSlow) {
+		t.Fatalf("Ended() = %v, want ErrTooSlow", why)
 	}
 }
 
@@ -282,10 +404,9 @@ func TestNewestSessionWins(t *testing.T) {
 	e := newEnv(t, "n1")
 	old := connect(t, e.reg, "n1")
 	cur := connect(t, e.reg, "n1")
-	select {
-	case <-old.Context().Done():
-	default:
-		t.Fatal("the replaced session is still open")
+	old.stream.waitEnded(t)
+	if why := old.Ended(); !errors.Is(why, registry.ErrSessionReplaced) {
+		t.Fatalf("Ended() = %v, want ErrSessionReplaced", why)
 	}
 	if err := old.Heartbeat(nil); !errors.Is(err, registry.ErrSessionReplaced) {
 		t.Fatalf("heartbeat on the replaced session: %v", err)
@@ -296,6 +417,9 @@ func TestNewestSessionWins(t *testing.T) {
 	}
 	if err := cur.Heartbeat(nil); err != nil {
 		t.Fatal(err)
+	}
+	if why := cur.Ended(); why != nil {
+		t.Fatalf("the new session ended: %v", why)
 	}
 }
 
@@ -353,7 +477,7 @@ func BenchmarkHeartbeat(b *testing.B) {
 		ids[i] = "node-" + string(rune('a'+i%26)) + string(rune('a'+i/26%26)) + string(rune('a'+i/676))
 	}
 	e := newEnv(b, ids...)
-	sessions := make([]*registry.Session, len(ids))
+	sessions := make([]testSession, len(ids))
 	for i, id := range ids {
 		sessions[i] = connect(b, e.reg, id)
 	}

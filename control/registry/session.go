@@ -1,9 +1,9 @@
 package registry
 
 import (
-	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -12,35 +12,69 @@ import (
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 )
 
-// ErrSessionReplaced says the node opened a newer session; this one is over.
-var ErrSessionReplaced = errors.New("session replaced by a newer one from the same node")
+// Why the control plane ends a session. Session.Ended wraps one of them.
+var (
+	// ErrSessionReplaced: the node opened a newer session; this one is over.
+	ErrSessionReplaced = errors.New("session replaced by a newer one from the same node")
+	// ErrDisconnected: the control plane sent DISCONNECT (shutdown, removal).
+	ErrDisconnected = errors.New("disconnected by the control plane")
+	// ErrTooSlow: the edge did not take its commands.
+	ErrTooSlow = errors.New("session ended by the control plane: the edge is not taking its commands")
+)
+
+// maxQueuedCommands bounds the commands waiting for one edge; a session
+// whose queue overflows is ended.
+const maxQueuedCommands = 16
+
+// Stream is a connected edge's stream, as the registry drives it. The
+// session's handler receives on it; the registry pushes commands and can end
+// it.
+type Stream interface {
+	// Push sends a command to the edge. It may block while the connection
+	// is slow; the registry calls it from a goroutine of its own, never
+	// under its lock, one command at a time, in order. An error means the
+	// stream is gone.
+	Push(*llorchv1.Command) error
+	// End makes the session's handler return: its pending receive fails at
+	// once. It does not block, and does nothing once the handler returned.
+	End()
+}
 
 // Session is one edge's connected stream, as the registry sees it.
+//
+// No goroutine waits on a session: its handler receives on the stream, and
+// commands are pushed by a goroutine that lives only while commands are
+// queued. At ten thousand edges every goroutine per session costs tens of
+// megabytes (see docs/BENCHMARKS.md).
 type Session struct {
-	r        *Registry
-	nodeID   string
-	ctx      context.Context
-	cancel   context.CancelFunc
-	commands chan *llorchv1.Command
+	r      *Registry
+	nodeID string
+	stream Stream
+
+	mu      sync.Mutex
+	queue   []*llorchv1.Command
+	pushing bool  // a goroutine is delivering the queue
+	ended   error // why the control plane ended the session; nil while it runs
+	closed  bool  // the handler closed it; nothing more is pushed
 }
 
 // Connect registers a node's new session and marks the node online. A
 // session the node already had is ended: the newest one wins (the old TCP
-// path may be half-dead). The session ends when ctx does.
-func (r *Registry) Connect(ctx context.Context, nodeID string, system *llorchv1.NodeSystem, report *llorchv1.NodeStatusReport) (*Session, *llorchv1.Registered, error) {
-	ctx, cancel := context.WithCancel(ctx)
-	s := &Session{r: r, nodeID: nodeID, ctx: ctx, cancel: cancel, commands: make(chan *llorchv1.Command, 16)}
+// path may be half-dead). Commands for the node are pushed on stream from
+// now on, so the caller must have sent Registered before anything else can
+// be sent on it.
+func (r *Registry) Connect(nodeID string, system *llorchv1.NodeSystem, report *llorchv1.NodeStatusReport, stream Stream) (*Session, *llorchv1.Registered, error) {
+	s := &Session{r: r, nodeID: nodeID, stream: stream}
 	now := r.clock.Now()
 	r.mu.Lock()
+	defer r.mu.Unlock()
 	e, ok := r.nodes[nodeID]
 	if !ok {
-		r.mu.Unlock()
-		cancel()
 		return nil, nil, fmt.Errorf("node %s: %w", nodeID, ErrUnknownNode)
 	}
 	reason := "registered"
 	if old := e.session; old != nil {
-		old.cancel()
+		old.end(ErrSessionReplaced)
 		reason = "reconnected (replacing its previous session)"
 	} else {
 		r.metrics.SessionOpened()
@@ -53,25 +87,75 @@ func (r *Registry) Connect(ctx context.Context, nodeID string, system *llorchv1.
 		HeartbeatInterval: durationProto(r.cfg.HeartbeatInterval),
 		Draining:          e.node.Draining,
 	}
-	r.mu.Unlock()
 	return s, registered, nil
 }
 
-// Context ends when the session must end (replaced, node removed).
-func (s *Session) Context() context.Context { return s.ctx }
+// NodeID is the node the session belongs to.
+func (s *Session) NodeID() string { return s.nodeID }
 
-// Commands delivers the commands to push to the edge.
-func (s *Session) Commands() <-chan *llorchv1.Command { return s.commands }
+// Ended says why the control plane ended the session (wrapping
+// ErrSessionReplaced, ErrDisconnected or ErrTooSlow); nil if it did not.
+func (s *Session) Ended() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ended
+}
 
-// send queues a command; a session too slow to take its commands is ended.
-// r.mu is held.
+// send queues a command for the edge. r.mu may be held: it never blocks.
 func (s *Session) send(c *llorchv1.Command) {
-	select {
-	case s.commands <- c:
-	default:
-		s.r.log.Warn("session not reading its commands; closing it", "node_id", s.nodeID)
-		s.cancel()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ended != nil || s.closed {
+		return
 	}
+	if len(s.queue) >= maxQueuedCommands {
+		s.r.log.Warn("session not taking its commands; closing it", "node_id", s.nodeID)
+		s.endLocked(ErrTooSlow)
+		return
+	}
+	s.queue = append(s.queue, c)
+	if !s.pushing {
+		s.pushing = true
+		go s.push()
+	}
+}
+
+// push delivers the queued commands in order, and ends the session after a
+// DISCONNECT has gone out.
+func (s *Session) push() {
+	for {
+		s.mu.Lock()
+		if len(s.queue) == 0 || s.ended != nil || s.closed {
+			s.queue, s.pushing = nil, false
+			s.mu.Unlock()
+			return
+		}
+		c := s.queue[0]
+		s.queue = s.queue[1:]
+		s.mu.Unlock()
+		if err := s.stream.Push(c); err != nil {
+			s.end(fmt.Errorf("session lost: cannot push a command: %w", err))
+			continue
+		}
+		if c.GetKind() == llorchv1.CommandKind_COMMAND_KIND_DISCONNECT {
+			s.end(fmt.Errorf("%w: %s", ErrDisconnected, c.GetReason()))
+		}
+	}
+}
+
+// end ends the session from the control plane's side.
+func (s *Session) end(why error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.endLocked(why)
+}
+
+func (s *Session) endLocked(why error) {
+	if s.ended != nil || s.closed {
+		return
+	}
+	s.ended = why
+	s.stream.End()
 }
 
 // Heartbeat records a heartbeat: in memory only.
@@ -95,16 +179,20 @@ func (s *Session) Heartbeat(report *llorchv1.NodeStatusReport) error {
 	return nil
 }
 
-// Close ends the session. With goodbye the edge left on purpose and the node
-// is offline at once; otherwise the stream was lost and the node is
-// disconnected until it reconnects or OfflineAfter passes.
+// Close is called by the session's handler when it is done with the stream:
+// nothing is pushed on it from now on. With goodbye the edge left on purpose
+// and the node is offline at once; otherwise the stream was lost (or the
+// control plane ended it) and the node is disconnected until it reconnects
+// or OfflineAfter passes.
 func (s *Session) Close(goodbye bool, reason string) {
-	s.cancel()
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
 	r := s.r
 	r.mu.Lock()
+	defer r.mu.Unlock()
 	e, ok := r.nodes[s.nodeID]
 	if !ok || e.session != s {
-		r.mu.Unlock()
 		return
 	}
 	e.session = nil
@@ -116,7 +204,6 @@ func (s *Session) Close(goodbye bool, reason string) {
 		// An offline node whose dead stream is found only now stays offline.
 		r.transition(s.nodeID, e, control.StatusDisconnected, reason)
 	}
-	r.mu.Unlock()
 }
 
 func durationProto(d time.Duration) *durationpb.Duration { return durationpb.New(d) }

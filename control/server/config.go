@@ -47,9 +47,12 @@ type Config struct {
 	APIToken string
 	// CORSOrigins are the browser origins allowed to call the API; empty: none.
 	CORSOrigins []string
-	Version     string
-	Clock       clock.Clock  // nil: the wall clock
-	Logger      *slog.Logger // nil: discard
+	// RegisterTimeout is how long a new edge session may take to send its
+	// Register message before it is cut off; 0: 30s.
+	RegisterTimeout time.Duration
+	Version         string
+	Clock           clock.Clock  // nil: the wall clock
+	Logger          *slog.Logger // nil: discard
 }
 
 // DefaultConfig returns a Config with every default filled in except DataDir.

@@ -179,17 +179,18 @@ func (s *Server) handler() http.Handler {
 	cfg := s.cfg
 	enrollSvc := enroll.New(enroll.Config{Store: s.store, Signer: s.ca, Clock: cfg.Clock, Logger: cfg.Logger.With("component", "enroll")})
 	handlers := api.New(api.Config{
-		Enroll:      enrollSvc,
-		Store:       s.store,
-		Registry:    s.registry,
-		Metrics:     s.metrics,
-		Roots:       []*x509.Certificate{s.ca.Root()},
-		TrustDomain: s.ca.TrustDomain(),
-		Fingerprint: s.ca.Fingerprint(),
-		ControlURL:  cfg.advertiseURL(s.public.Addr()),
-		Version:     cfg.Version,
-		Clock:       cfg.Clock,
-		Logger:      cfg.Logger.With("component", "api"),
+		Enroll:          enrollSvc,
+		Store:           s.store,
+		Registry:        s.registry,
+		Metrics:         s.metrics,
+		Roots:           []*x509.Certificate{s.ca.Root()},
+		TrustDomain:     s.ca.TrustDomain(),
+		Fingerprint:     s.ca.Fingerprint(),
+		ControlURL:      cfg.advertiseURL(s.public.Addr()),
+		Version:         cfg.Version,
+		RegisterTimeout: cfg.RegisterTimeout,
+		Clock:           cfg.Clock,
+		Logger:          cfg.Logger.With("component", "api"),
 	})
 	interceptor := authz.NewInterceptor(authz.Config{
 		Policies:    Policies(),
@@ -210,7 +211,8 @@ func (s *Server) handler() http.Handler {
 	mux.Handle(llorchv1connect.NewNodeServiceHandler(handlers, opts...))
 	mux.Handle(llorchv1connect.NewAdminServiceHandler(handlers, opts...))
 	mux.Handle(llorchv1connect.NewInfoServiceHandler(handlers, opts...))
-	mux.Handle(llorchv1connect.NewSessionServiceHandler(handlers, opts...))
+	sessionPath, sessionHandler := llorchv1connect.NewSessionServiceHandler(handlers, opts...)
+	mux.Handle(sessionPath, api.SessionHTTP(sessionHandler))
 	mux.Handle("/metrics", authz.AdminHTTP(promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{}), cfg.APIToken))
 	services := []string{
 		llorchv1connect.SessionServiceName,
