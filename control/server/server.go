@@ -49,17 +49,17 @@ const CompressMinBytes = 1 << 10
 
 // Server is a running control plane.
 type Server struct {
-	cfg       Config
-	log       *slog.Logger
-	lock      *os.File
-	store     *store.Store
-	ca        *pki.Authority
-	registry  *registry.Registry
-	metrics   *metrics.Metrics
-	public    net.Listener
-	local     net.Listener
-	publicSrv *http.Server
-	localSrv  *http.Server
+	cfg      Config
+	log      *slog.Logger
+	lock     *os.File
+	store    *store.Store
+	ca       *pki.Authority
+	registry *registry.Registry
+	metrics  *metrics.Metrics
+	public   net.Listener
+	local    net.Listener
+	port     *publicPort
+	localSrv *http.Server
 }
 
 // New opens the data directory (creating the store and the CA on first
@@ -129,20 +129,21 @@ func (s *Server) open(ctx context.Context) (err error) {
 	handler := s.handler()
 	roots := x509.NewCertPool()
 	roots.AddCert(s.ca.Root())
-	s.publicSrv = &http.Server{
+	publicSrv := &http.Server{
 		Handler:           authz.Middleware(handler, false),
 		TLSConfig:         certs.ServerTLSConfig(s.ca.GetCertificate, roots),
 		ReadHeaderTimeout: 10 * time.Second,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelDebug),
 	}
-	if err := http2.ConfigureServer(s.publicSrv, &http2.Server{
+	s.port, err = newPublicPort(s.public, publicSrv, &http2.Server{
 		MaxConcurrentStreams: 250,
 		IdleTimeout:          5 * time.Minute,
 		// Pings find a dead path to an edge well before the offline threshold.
 		ReadIdleTimeout: cfg.HeartbeatInterval + 5*time.Second,
 		PingTimeout:     5 * time.Second,
-	}); err != nil {
+	}, cfg.Logger.With("component", "server"))
+	if err != nil {
 		return fmt.Errorf("configure HTTP/2: %w", err)
 	}
 	s.localSrv = &http.Server{
@@ -283,7 +284,7 @@ func (s *Server) Run(ctx context.Context) error {
 	regDone := make(chan error, 1)
 	go func() { regDone <- s.registry.Run(regCtx) }()
 	errc := make(chan error, 2)
-	go func() { errc <- s.publicSrv.ServeTLS(s.public, "", "") }()
+	go func() { errc <- s.port.serve() }()
 	go func() { errc <- s.localSrv.Serve(s.local) }()
 	s.log.Info("control plane serving", "listen", s.public.Addr().String(), "socket", SocketPath(s.cfg.DataDir), "ca_fingerprint", s.ca.Fingerprint(), "trust_domain", s.ca.TrustDomain())
 	var err error
@@ -297,10 +298,8 @@ func (s *Server) Run(ctx context.Context) error {
 	s.registry.DisconnectAll("control plane shutting down", reconnectSpread(len(s.registry.Nodes())))
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if s.publicSrv.Shutdown(shutdownCtx) != nil {
-		// Sessions that ignored their DISCONNECT: cut them.
-		s.publicSrv.Close()
-	}
+	// Sessions that ignore their DISCONNECT are cut when the grace ends.
+	s.port.shutdown(shutdownCtx)
 	if s.localSrv.Shutdown(shutdownCtx) != nil {
 		s.localSrv.Close()
 	}
