@@ -316,6 +316,9 @@ func TestRenewNowCommand(t *testing.T) {
 		t.Fatal("the state directory still holds the old certificate")
 	}
 	e.stop()
+	// The edge may have been stopped while its new session was registering:
+	// then the control plane sees the stream end a moment later.
+	waitNode(t, srv, e.id, 5*time.Second, "gone", func(n *llorchv1.Node) bool { return n.GetStatus() != llorchv1.NodeStatus_NODE_STATUS_ONLINE })
 	_, err = srv.Admin.RenewNodeCertificate(context.Background(), connect.NewRequest(&llorchv1.RenewNodeCertificateRequest{Id: e.id}))
 	if connect.CodeOf(err) != connect.CodeFailedPrecondition {
 		t.Fatalf("renew of a disconnected node: %v, want failed precondition", err)

@@ -156,6 +156,9 @@ func runOnce(ctx context.Context, cfg Config, lastInterval *time.Duration) (out 
 	select {
 	case first = <-msgs:
 	case <-ctx.Done():
+		// Stopped while registering: the control plane may have registered
+		// the node already, so say goodbye all the same.
+		goodbye(stream, msgs, cfg.Clock)
 		return outcome{}
 	case <-cfg.Clock.After(30 * time.Second):
 		return outcome{err: errors.New("no answer to Register within 30s")}

@@ -211,6 +211,33 @@ func (c *controlProc) metrics(ctx context.Context) (metricsText, error) {
 	return parseMetrics(resp.Body)
 }
 
+// heapProfile runs a garbage collection in the control plane and writes its
+// heap profile (what is live after it) to path, through the profiler on the
+// admin socket.
+func (c *controlProc) heapProfile(ctx context.Context, path string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://control.sock/debug/pprof/heap?gc=1", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.admin.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("heap profile: %s", resp.Status)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return fmt.Errorf("heap profile: %w", err)
+	}
+	return f.Close()
+}
+
 func parseMetrics(r io.Reader) (metricsText, error) {
 	m := metricsText{}
 	sc := bufio.NewScanner(r)

@@ -7,8 +7,10 @@
 // plane (SIGTERM, then SIGKILL) and times how fast the fleet comes back.
 //
 // Figures: enrollment rate, heartbeat acknowledgement round trips (p50, p90,
-// p99, max), the control plane's memory per session (RSS and Go heap+stack,
-// against a baseline with every node enrolled and none connected), and the
+// p99, max), the control plane's memory per session (RSS, and what is live
+// right after a garbage collection: Go heap and stacks, with a heap profile
+// from the admin socket's profiler; both against a baseline with every node
+// enrolled and none connected), and the
 // reconnection time and spread after each restart. A summary goes to stdout,
 // progress to stderr, everything to --json FILE.
 //

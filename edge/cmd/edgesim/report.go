@@ -19,11 +19,13 @@ type Result struct {
 	Env     Env       `json:"environment"`
 	TempDir string    `json:"temp_dir"`
 
-	Enroll   EnrollResult    `json:"enroll"`
-	Baseline MemSample       `json:"baseline"`
-	Ramp     RampResult      `json:"ramp"`
-	Steady   SteadyResult    `json:"steady"`
-	Restarts []RestartResult `json:"restarts"`
+	Enroll   EnrollResult `json:"enroll"`
+	Baseline MemSample    `json:"baseline"`
+	// BaselineLive is the baseline again right after a garbage collection.
+	BaselineLive MemSample       `json:"baseline_live"`
+	Ramp         RampResult      `json:"ramp"`
+	Steady       SteadyResult    `json:"steady"`
+	Restarts     []RestartResult `json:"restarts"`
 	// Ack covers every acknowledgement of the run, all phases.
 	Ack Latency `json:"ack_all_phases"`
 
@@ -75,6 +77,7 @@ type MemSample struct {
 	At            float64 `json:"at_seconds"`
 	RSS           int64   `json:"rss_bytes"`
 	HeapInuse     int64   `json:"heap_inuse_bytes"`
+	HeapAlloc     int64   `json:"heap_alloc_bytes"`
 	StackInuse    int64   `json:"stack_inuse_bytes"`
 	NextGC        int64   `json:"next_gc_bytes"`
 	Goroutines    int     `json:"goroutines"`
@@ -120,6 +123,13 @@ type SteadyResult struct {
 	HeapStackPerSess   float64     `json:"heap_stack_per_session_bytes"`
 	GoroutinesPerSess  float64     `json:"goroutines_per_session"`
 	Samples            []MemSample `json:"samples"`
+	// Live is a sample taken at the end of the hold right after a garbage
+	// collection: what the sessions hold, without the collector's headroom.
+	// LivePerSession is its heap and stacks over the live baseline's.
+	Live           MemSample `json:"live"`
+	LivePerSession float64   `json:"live_heap_stack_per_session_bytes"`
+	// HeapProfile is the heap profile taken with Live (kept with --keep).
+	HeapProfile string `json:"heap_profile,omitempty"`
 }
 
 // RestartResult is one restart of the control plane. Times are from the signal.
@@ -174,8 +184,8 @@ type Target struct {
 	Met  bool   `json:"met"`
 }
 
-// perSession divides the growth over the baseline by the sessions held.
-func (st *SteadyResult) perSession(base MemSample) {
+// perSession divides the growth over the baselines by the sessions held.
+func (st *SteadyResult) perSession(base, baseLive MemSample) {
 	if st.Sessions == 0 || len(st.Samples) == 0 {
 		return
 	}
@@ -183,6 +193,9 @@ func (st *SteadyResult) perSession(base MemSample) {
 	st.RSSPerSession = float64(st.MedianRSS-base.RSS) / n
 	st.HeapStackPerSess = float64(st.MedianHeapStack-base.HeapInuse-base.StackInuse) / n
 	st.GoroutinesPerSess = float64(st.Samples[len(st.Samples)-1].Goroutines-base.Goroutines) / n
+	if st.Live.Sessions > 0 {
+		st.LivePerSession = float64(st.Live.HeapAlloc+st.Live.StackInuse-baseLive.HeapAlloc-baseLive.StackInuse) / float64(st.Live.Sessions)
+	}
 }
 
 func targets(res *Result) []Target {
@@ -191,7 +204,7 @@ func targets(res *Result) []Target {
 		{"sessions held", "10000", fmt.Sprint(st.Sessions), st.Sessions >= 10000},
 		{"heartbeat ack p99 (steady)", "< 50 ms", fmt.Sprintf("%.1f ms", st.Ack.P99MS), st.Ack.Count > 0 && st.Ack.P99MS < 50},
 		{"control-plane RSS per session", "< 64 KiB", kib(st.RSSPerSession), st.Sessions > 0 && st.RSSPerSession < 64<<10},
-		{"control-plane heap+stack per session", "< 64 KiB", kib(st.HeapStackPerSess), st.Sessions > 0 && st.HeapStackPerSess < 64<<10},
+		{"control-plane live heap+stack per session", "< 64 KiB", kib(st.LivePerSession), st.Live.Sessions > 0 && st.LivePerSession < 64<<10},
 	}
 	for _, r := range res.Restarts {
 		ts = append(ts, Target{"all back after " + r.Signal, "< 30 s", backText(r), r.AllBack && r.LastBackSeconds < 30})
@@ -230,6 +243,8 @@ func printSummary(w io.Writer, res *Result) {
 		fmt.Fprintf(tw, "\theartbeats counted %.0f, expected %.0f\n", st.HeartbeatsCounted, st.HeartbeatsExpected)
 		fmt.Fprintf(tw, "\tcontrol plane: RSS %s (%s/session), heap+stack %s (%s/session), %d goroutines (%.1f/session), %d fds, CPU %.0f%%\n",
 			mib(st.MedianRSS), kib(st.RSSPerSession), mib(st.MedianHeapStack), kib(st.HeapStackPerSess), last.Goroutines, st.GoroutinesPerSess, last.FDs, st.ControlCPUPercent)
+		fmt.Fprintf(tw, "\tafter a garbage collection: heap %s + stacks %s (%s/session live); heap profile %s\n",
+			mib(st.Live.HeapAlloc), mib(st.Live.StackInuse), kib(st.LivePerSession), st.HeapProfile)
 		fmt.Fprintf(tw, "\tedgesim: RSS %s, %d goroutines, %d fds, CPU %.0f%%\n", mib(last.SimRSS), last.SimGoroutines, last.SimFDs, st.SimCPUPercent)
 	}
 	for _, rs := range res.Restarts {

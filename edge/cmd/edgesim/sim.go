@@ -181,8 +181,11 @@ func (s *Sim) run(ctx context.Context) (*Result, error) {
 	if res.Baseline, err = s.sample(ctx); err != nil {
 		return res, err
 	}
-	s.logf("baseline: control plane RSS %s, heap %s, stack %s, %d goroutines",
-		mib(res.Baseline.RSS), mib(res.Baseline.HeapInuse), mib(res.Baseline.StackInuse), res.Baseline.Goroutines)
+	if res.BaselineLive, _, err = s.liveSample(ctx, "baseline"); err != nil {
+		return res, err
+	}
+	s.logf("baseline: control plane RSS %s, heap %s (%s live), stack %s, %d goroutines",
+		mib(res.Baseline.RSS), mib(res.Baseline.HeapInuse), mib(res.BaselineLive.HeapAlloc), mib(res.Baseline.StackInuse), res.Baseline.Goroutines)
 
 	// Ramp.
 	f := newFleet(edges)
@@ -201,7 +204,7 @@ func (s *Sim) run(ctx context.Context) (*Result, error) {
 
 	// Steady state.
 	res.Steady, err = s.hold(ctx, f)
-	res.Steady.perSession(res.Baseline)
+	res.Steady.perSession(res.Baseline, res.BaselineLive)
 	if err != nil {
 		return res, err
 	}
@@ -316,7 +319,22 @@ func (s *Sim) hold(ctx context.Context, f *fleet) (SteadyResult, error) {
 		rss, heap = append(rss, smp.RSS), append(heap, smp.HeapInuse+smp.StackInuse)
 	}
 	r.MedianRSS, r.MedianHeapStack = median(rss), median(heap)
+	if err == nil {
+		r.Live, r.HeapProfile, err = s.liveSample(ctx, "steady")
+	}
 	return r, err
+}
+
+// liveSample collects the control plane's garbage (by asking for its heap
+// profile, which it saves under the temporary directory) and samples it
+// right after: what it holds without the collector's headroom.
+func (s *Sim) liveSample(ctx context.Context, phase string) (MemSample, string, error) {
+	path := filepath.Join(s.tmp, "heap-"+phase+".pb.gz")
+	if err := s.cp.heapProfile(ctx, path); err != nil {
+		return MemSample{}, "", fmt.Errorf("control plane heap profile: %w", err)
+	}
+	smp, err := s.sample(ctx)
+	return smp, path, err
 }
 
 // restart stops the control plane with sig, starts it again on the same
@@ -457,7 +475,8 @@ func (s *Sim) sample(ctx context.Context) (MemSample, error) {
 	}
 	return MemSample{
 		At:  time.Since(s.began).Seconds(),
-		RSS: p.RSS, HeapInuse: int64(m.sum("go_memstats_heap_inuse_bytes")), StackInuse: int64(m.sum("go_memstats_stack_inuse_bytes")),
+		RSS: p.RSS, HeapInuse: int64(m.sum("go_memstats_heap_inuse_bytes")), HeapAlloc: int64(m.sum("go_memstats_heap_alloc_bytes")),
+		StackInuse: int64(m.sum("go_memstats_stack_inuse_bytes")),
 		NextGC:     int64(m.sum("go_memstats_next_gc_bytes")),
 		Goroutines: int(m.sum("go_goroutines")), Sessions: int(m.sum("llorch_sessions")), Heartbeats: m.sum("llorch_heartbeats_total"),
 		CPUSeconds: p.CPU.Seconds(), FDs: p.FDs, Threads: p.Threads,
