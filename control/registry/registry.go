@@ -54,7 +54,9 @@ type Config struct {
 	HeartbeatInterval time.Duration // 0: 10s
 	OfflineAfter      time.Duration // 0: 30s
 	// RestartGrace is how long nodes stay unknown after a restart before
-	// they are offline; 0: OfflineAfter, and at least MinRestartGrace.
+	// they are offline; 0: the longest of OfflineAfter, MinRestartGrace and
+	// the time the whole fleet needs to get back in through the admission
+	// pacing (see Load).
 	RestartGrace  time.Duration
 	FlushInterval time.Duration // last-seen flushes; 0: 5s
 	// StallAfter: when the sweeper itself was held up this long (the process
@@ -114,8 +116,9 @@ type Registry struct {
 	mu        sync.Mutex
 	nodes     map[string]*entry
 	startedAt time.Time
-	stopping  bool      // shutting down: silence is ours, not the nodes'
-	resumedAt time.Time // end of the last stall of our own; silence counts from here
+	grace     time.Duration // how long nodes stay unknown after startedAt
+	stopping  bool          // shutting down: silence is ours, not the nodes'
+	resumedAt time.Time     // end of the last stall of our own; silence counts from here
 	admission bucket
 
 	writes chan control.StatusChange
@@ -129,9 +132,6 @@ func New(cfg Config) *Registry {
 	}
 	if cfg.OfflineAfter == 0 {
 		cfg.OfflineAfter = DefaultOfflineAfter
-	}
-	if cfg.RestartGrace == 0 {
-		cfg.RestartGrace = max(cfg.OfflineAfter, MinRestartGrace)
 	}
 	if cfg.FlushInterval == 0 {
 		cfg.FlushInterval = DefaultFlushInterval
@@ -166,6 +166,7 @@ func (r *Registry) Load(ctx context.Context) error {
 	var changes []control.StatusChange
 	r.mu.Lock()
 	r.startedAt = now
+	r.grace = r.restartGrace(len(nodes))
 	for _, n := range nodes {
 		if n.Status == control.StatusRemoved {
 			continue
@@ -181,8 +182,32 @@ func (r *Registry) Load(ctx context.Context) error {
 		if err := r.cfg.Store.SetNodeStatuses(ctx, changes, now); err != nil {
 			return fmt.Errorf("load registry: %w", err)
 		}
+		r.log.Info("nodes that were connected are unknown until they reconnect", "nodes", len(changes), "grace", r.grace)
 	}
 	return nil
+}
+
+// MaxReconnectSpread bounds the window over which a control plane that shuts
+// down spreads its edges' return (DisconnectAll's spread).
+const MaxReconnectSpread = 10 * time.Second
+
+// restartGrace is how long nodes stay unknown after a start, unless
+// Config.RestartGrace says: at least OfflineAfter and MinRestartGrace, and at
+// least the longest retry hint of a shutdown plus twice the time the
+// admission pacing needs to let every node in (refused attempts and a busy
+// CPU slow the return). So a large fleet coming back through the pacing is
+// never called offline for the control plane's own restart: 10,000 nodes at
+// 500/s get 52s.
+func (r *Registry) restartGrace(nodes int) time.Duration {
+	if r.cfg.RestartGrace > 0 {
+		return r.cfg.RestartGrace
+	}
+	grace := max(r.cfg.OfflineAfter, MinRestartGrace)
+	if rate := r.cfg.Admission.Rate; rate > 0 {
+		paced := time.Duration(2 * float64(nodes) / rate * float64(time.Second))
+		grace = max(grace, restartFloor+MaxReconnectSpread+paced)
+	}
+	return grace
 }
 
 // Run sweeps for silent nodes, flushes last-seen times and writes queued
@@ -249,7 +274,7 @@ func (r *Registry) Sweep(now time.Time) {
 				r.transition(id, e, control.StatusOffline, fmt.Sprintf("no heartbeat for %s", silent.Round(time.Second)))
 			}
 		case control.StatusUnknown:
-			if now.Sub(r.startedAt) > r.cfg.RestartGrace {
+			if now.Sub(r.startedAt) > r.grace {
 				r.transition(id, e, control.StatusOffline, "not seen since the control plane restarted")
 			}
 		}

@@ -3,6 +3,7 @@ package registry_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -44,6 +45,7 @@ type env struct {
 	dir   string
 	// stallAfter is -1 (off): these tests jump the fake clock on purpose.
 	stallAfter time.Duration
+	admission  registry.Admission
 }
 
 const (
@@ -91,7 +93,7 @@ func (e *env) restart(tb testing.TB) {
 	if e.stop != nil {
 		e.stop()
 	}
-	reg := registry.New(registry.Config{Store: e.st, HeartbeatInterval: interval, OfflineAfter: offline, Clock: e.clock, StallAfter: e.stallAfter})
+	reg := registry.New(registry.Config{Store: e.st, HeartbeatInterval: interval, OfflineAfter: offline, Clock: e.clock, StallAfter: e.stallAfter, Admission: e.admission})
 	if err := reg.Load(context.Background()); err != nil {
 		tb.Fatal(err)
 	}
@@ -291,6 +293,33 @@ func TestRestartGrace(t *testing.T) {
 		t.Fatalf("reconnected node: %s, want online", got)
 	}
 	e.waitEvent(t, "gone", "unknown -> offline: not seen since the control plane restarted")
+}
+
+// A large fleet needs longer than the offline threshold to get back in
+// through the pacing: the restart grace grows with it, so none of it is
+// called offline for the control plane's own restart.
+func TestRestartGraceCoversThePacedFleet(t *testing.T) {
+	nodes := make([]string, 30)
+	for i := range nodes {
+		nodes[i] = fmt.Sprintf("n%02d", i)
+	}
+	e := newEnv(t, nodes...)
+	e.admission = registry.Admission{Rate: 1, Burst: 1} // 30 nodes need 30s to get in
+	for _, id := range nodes {
+		connect(t, e.reg, id)
+	}
+	e.restart(t)
+	// 2s floor + 10s spread + twice 30s of pacing.
+	e.clock.Advance(71 * time.Second)
+	e.reg.Sweep(e.clock.Now())
+	if got := e.status(t, "n07"); got != control.StatusUnknown {
+		t.Fatalf("71s after the restart: %s, want unknown", got)
+	}
+	e.clock.Advance(2 * time.Second)
+	e.reg.Sweep(e.clock.Now())
+	if got := e.status(t, "n07"); got != control.StatusOffline {
+		t.Fatalf("73s after the restart: %s, want offline", got)
+	}
 }
 
 func TestDrainAndRemove(t *testing.T) {

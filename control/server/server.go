@@ -311,7 +311,7 @@ func (s *Server) Run(ctx context.Context) error {
 // reconnectSpread is the window over which edges are told to come back after
 // a shutdown: about a millisecond per node, between 1s and 10s.
 func reconnectSpread(nodes int) time.Duration {
-	return min(max(time.Duration(nodes)*time.Millisecond, time.Second), 10*time.Second)
+	return min(max(time.Duration(nodes)*time.Millisecond, time.Second), registry.MaxReconnectSpread)
 }
 
 // Registry is the live fleet, for tests in the same process.
