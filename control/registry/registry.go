@@ -187,9 +187,15 @@ func (r *Registry) Load(ctx context.Context) error {
 	return nil
 }
 
-// MaxReconnectSpread bounds the window over which a control plane that shuts
-// down spreads its edges' return (DisconnectAll's spread).
-const MaxReconnectSpread = 10 * time.Second
+// maxReconnectSpread bounds the window over which a control plane that
+// shuts down spreads its edges' return.
+const maxReconnectSpread = 10 * time.Second
+
+// reconnectSpread is the window over which edges are told to come back after
+// a shutdown: about a millisecond per node, between 1s and maxReconnectSpread.
+func reconnectSpread(nodes int) time.Duration {
+	return min(max(time.Duration(nodes)*time.Millisecond, time.Second), maxReconnectSpread)
+}
 
 // restartGrace is how long nodes stay unknown after a start, unless
 // Config.RestartGrace says: at least OfflineAfter and MinRestartGrace, and at
@@ -205,7 +211,7 @@ func (r *Registry) restartGrace(nodes int) time.Duration {
 	grace := max(r.cfg.OfflineAfter, MinRestartGrace)
 	if rate := r.cfg.Admission.Rate; rate > 0 {
 		paced := time.Duration(2 * float64(nodes) / rate * float64(time.Second))
-		grace = max(grace, restartFloor+MaxReconnectSpread+paced)
+		grace = max(grace, restartFloor+maxReconnectSpread+paced)
 	}
 	return grace
 }
@@ -522,14 +528,15 @@ func (r *Registry) RenewNow(id string) error {
 }
 
 // DisconnectAll closes every session with a retry hint of restartFloor plus
-// a part of spread drawn uniformly, so that edges come back to the next
-// process, spread out rather than all at once; new sessions are refused.
-// It is called when the control plane shuts down, and stops sweeping: from
-// then on a node's silence is the control plane's doing.
-func (r *Registry) DisconnectAll(reason string, spread time.Duration) {
+// a part of the reconnect spread drawn uniformly, so that edges come back to
+// the next process, spread out rather than all at once; new sessions are
+// refused. It is called when the control plane shuts down, and stops
+// sweeping: from then on a node's silence is the control plane's doing.
+func (r *Registry) DisconnectAll(reason string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.stopping = true
+	spread := reconnectSpread(len(r.nodes))
 	for _, e := range r.nodes {
 		if e.session == nil {
 			continue

@@ -295,7 +295,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	// Tell every edge to reconnect later, spread out, so the restart is no
 	// stampede; then wait for the sessions to end.
-	s.registry.DisconnectAll("control plane shutting down", reconnectSpread(len(s.registry.Nodes())))
+	s.registry.DisconnectAll("control plane shutting down")
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	// Sessions that ignore their DISCONNECT are cut when the grace ends.
@@ -306,12 +306,6 @@ func (s *Server) Run(ctx context.Context) error {
 	stopRegistry()
 	<-regDone
 	return err
-}
-
-// reconnectSpread is the window over which edges are told to come back after
-// a shutdown: about a millisecond per node, between 1s and 10s.
-func reconnectSpread(nodes int) time.Duration {
-	return min(max(time.Duration(nodes)*time.Millisecond, time.Second), registry.MaxReconnectSpread)
 }
 
 // Registry is the live fleet, for tests in the same process.
