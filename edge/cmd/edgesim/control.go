@@ -196,46 +196,49 @@ type metricsText map[string]float64
 
 // metrics fetches /metrics from the admin socket.
 func (c *controlProc) metrics(ctx context.Context) (metricsText, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://control.sock/metrics", nil)
+	body, err := c.get(ctx, "/metrics")
 	if err != nil {
 		return nil, err
 	}
-	resp, err := c.admin.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("/metrics: %s", resp.Status)
-	}
-	return parseMetrics(resp.Body)
+	defer body.Close()
+	return parseMetrics(body)
 }
 
 // heapProfile runs a garbage collection in the control plane and writes its
 // heap profile (what is live after it) to path, through the profiler on the
 // admin socket.
 func (c *controlProc) heapProfile(ctx context.Context, path string) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://control.sock/debug/pprof/heap?gc=1", nil)
+	body, err := c.get(ctx, "/debug/pprof/heap?gc=1")
 	if err != nil {
 		return err
 	}
-	resp, err := c.admin.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("heap profile: %s", resp.Status)
-	}
+	defer body.Close()
 	f, err := os.Create(path)
 	if err != nil {
 		return err
 	}
-	if _, err := io.Copy(f, resp.Body); err != nil {
+	if _, err := io.Copy(f, body); err != nil {
 		f.Close()
 		return fmt.Errorf("heap profile: %w", err)
 	}
 	return f.Close()
+}
+
+// get fetches path from the admin socket; the caller closes the body.
+func (c *controlProc) get(ctx context.Context, path string) (io.ReadCloser, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://control.sock"+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.admin.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		resp.Body.Close()
+		return nil, fmt.Errorf("%s: %s", path, resp.Status)
+	}
+	return resp.Body, nil
 }
 
 func parseMetrics(r io.Reader) (metricsText, error) {
