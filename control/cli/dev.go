@@ -36,8 +36,7 @@ token made on the spot; later runs reuse its identity. Stop with Ctrl-C.`,
 			if err != nil {
 				return err
 			}
-			ctx, cancel := context.WithCancel(cmd.Context())
-			defer cancel()
+			ctx := cmd.Context()
 			cfg.DataDir = filepath.Join(dir, "control")
 			cfg.Logger = logger.With("component", "control")
 			cfg.APIToken = os.Getenv("LLORCH_API_TOKEN")
@@ -47,8 +46,12 @@ token made on the spot; later runs reuse its identity. Stop with Ctrl-C.`,
 				return err
 			}
 			defer srv.Close()
-			errc := make(chan error, 2)
-			go func() { errc <- srv.Run(ctx) }()
+			// The control plane stops after the edge (which says goodbye, so
+			// its node is recorded offline), and Close waits for it to stop.
+			srvCtx, stopServer := context.WithCancel(context.Background())
+			srvDone := make(chan error, 1)
+			go func() { srvDone <- srv.Run(srvCtx) }()
+			defer func() { stopServer(); <-srvDone }()
 
 			edgeDir := filepath.Join(dir, "edge")
 			res, err := enrollLocalEdge(ctx, cfg.DataDir, edgeDir, srv.URL())
@@ -58,7 +61,10 @@ token made on the spot; later runs reuse its identity. Stop with Ctrl-C.`,
 			// The local edge always dials this control plane, wherever it listens now.
 			res.Identity.ControlURL = srv.URL()
 			a := agent.New(agent.Config{StateDir: edgeDir, EnginesDir: filepath.Join(dir, "engines"), Logger: logger.With("component", "edge")}, res.Identity)
-			go func() { errc <- a.Run(ctx) }()
+			edgeCtx, stopEdge := context.WithCancel(context.Background())
+			edgeDone := make(chan error, 1)
+			go func() { edgeDone <- a.Run(edgeCtx) }()
+			defer func() { stopEdge(); <-edgeDone }()
 
 			out := cmd.OutOrStdout()
 			fmt.Fprintf(out, "llorch dev: control plane %s at %s (data %s)\n", version.Version, srv.URL(), cfg.DataDir)
@@ -76,7 +82,11 @@ token made on the spot; later runs reuse its identity. Stop with Ctrl-C.`,
 			select {
 			case <-ctx.Done():
 				return nil
-			case err := <-errc:
+			case err := <-edgeDone:
+				edgeDone <- err // for the deferred wait
+				return fmt.Errorf("local edge: %w", err)
+			case err := <-srvDone:
+				srvDone <- err
 				return err
 			}
 		},

@@ -172,6 +172,13 @@ func TestDev(t *testing.T) {
 		if len(nodes) != 1 {
 			t.Fatalf("round %d: %d nodes, want 1 (a restart must reuse the edge's identity)", round, len(nodes))
 		}
+		if round == 1 {
+			// The first run stopped its edge before its control plane, so the
+			// edge's goodbye was recorded.
+			if events := run(t, "control", "node", "events", id, "--data", data).stdout; !strings.Contains(events, "online -> offline: shutdown") {
+				t.Fatalf("after control dev stopped, the local edge's goodbye is not in its events:\n%s", events)
+			}
+		}
 		cmd.Process.Signal(syscall.SIGTERM)
 		if err := cmd.Wait(); err != nil {
 			t.Fatalf("control dev after SIGTERM: %v", err)
