@@ -8,15 +8,17 @@ import (
 )
 
 // ServerTLSConfig is the control plane's one public port: TLS 1.3, HTTP/2
-// (and HTTP/1.1 for gRPC-web), a client certificate verified against roots
-// when one is given. Whether a procedure needs one is decided per procedure
-// by the authorization interceptor, not here.
-func ServerTLSConfig(getCert func(*tls.ClientHelloInfo) (*tls.Certificate, error), roots *x509.CertPool) *tls.Config {
+// (and HTTP/1.1 for gRPC-web), a client certificate verified against
+// clientCAs when one is given. The handshake names clientCAs' subjects to the
+// client (certificate_authorities), which is how an edge knows it may send
+// its leaf alone. Whether a procedure needs a certificate is decided per
+// procedure by the authorization interceptor, not here.
+func ServerTLSConfig(getCert func(*tls.ClientHelloInfo) (*tls.Certificate, error), clientCAs *x509.CertPool) *tls.Config {
 	return &tls.Config{
 		MinVersion:     tls.VersionTLS13,
 		GetCertificate: getCert,
 		ClientAuth:     tls.VerifyClientCertIfGiven,
-		ClientCAs:      roots,
+		ClientCAs:      clientCAs,
 		NextProtos:     []string{"h2", "http/1.1"},
 		// A resumed session skips the certificate check; revocation is checked
 		// per request anyway, but a fresh handshake keeps the picture simple.

@@ -5,8 +5,10 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -45,6 +47,20 @@ const (
 func rootCN(td string) string         { return rootCNPrefix + td }
 func intermediateCN(td string) string { return "llorch intermediate CA " + td }
 func serverCN(td string) string       { return "llorch control plane " + td }
+
+// intermediateSubject names an intermediate by its key as well as its trust
+// domain. The public port lists the intermediate's subject among the CAs it
+// accepts, and an edge whose certificate names that subject as its issuer
+// presents its leaf alone (state.Identity.TLSCertificate); so a replaced
+// intermediate must never share the subject of the one before it.
+func intermediateSubject(td string, pub *ecdsa.PublicKey) pkix.Name {
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		panic(err) // a P-256 key always marshals
+	}
+	sum := sha256.Sum256(der)
+	return pkix.Name{CommonName: intermediateCN(td), SerialNumber: hex.EncodeToString(sum[:8])}
+}
 
 // loadOrCreate fills in the root, the intermediate and the server
 // certificate, creating or replacing what is missing or due.
@@ -101,6 +117,10 @@ func (a *Authority) loadOrCreate(ctx context.Context) error {
 		return fmt.Errorf("%s is not signed by %s", interCertFile, rootCertFile)
 	case dueForRenewal(inter, now):
 		reason = "less than a third of its lifetime left"
+	case inter.Subject.SerialNumber == "":
+		// Made before intermediates were named by their key: one made to
+		// replace a lost one would share its subject.
+		reason = "subject does not name its key"
 	}
 	interChanged := reason != ""
 	if interChanged {
@@ -233,7 +253,7 @@ func (a *Authority) createIntermediate(now time.Time, root *x509.Certificate, ro
 		return nil, nil, fmt.Errorf("generate intermediate key: %w", err)
 	}
 	tmpl := &x509.Certificate{
-		Subject:               pkix.Name{CommonName: intermediateCN(a.cfg.TrustDomain)},
+		Subject:               intermediateSubject(a.cfg.TrustDomain, &key.PublicKey),
 		NotBefore:             now.Add(-backdate),
 		NotAfter:              minTime(now.AddDate(intermediateYears, 0, 0), root.NotAfter),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,

@@ -210,6 +210,18 @@ func (a *Authority) Root() *x509.Certificate { return a.root }
 // Callers must not modify it.
 func (a *Authority) Intermediate() *x509.Certificate { return a.inter }
 
+// ClientCAs is what a node certificate must chain to on the public port: the
+// root, or the current intermediate. The TLS handshake names both to the
+// edge, and an edge whose certificate the current intermediate issued
+// presents the leaf alone; one issued by an earlier intermediate presents
+// its chain, which verifies to the root.
+func (a *Authority) ClientCAs() *x509.CertPool {
+	pool := x509.NewCertPool()
+	pool.AddCert(a.root)
+	pool.AddCert(a.inter)
+	return pool
+}
+
 // SPIFFEID returns spiffe://<trust domain>/node/<nodeID>.
 func (a *Authority) SPIFFEID(nodeID string) string {
 	return certs.NodeSPIFFEID(a.cfg.TrustDomain, nodeID)

@@ -1,13 +1,17 @@
 package pki_test
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/hex"
 	"errors"
 	"io"
+	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -351,6 +355,93 @@ func TestIntermediateRotatedWhenDue(t *testing.T) {
 	}
 	if err := serverLeaf(t, b).CheckSignatureFrom(b.Intermediate()); err != nil {
 		t.Errorf("server certificate not signed by the new intermediate: %v", err)
+	}
+	// Edges tell intermediates apart by subject (state.Identity.TLSCertificate).
+	if bytes.Equal(b.Intermediate().RawSubject, oldInter.RawSubject) {
+		t.Errorf("the new intermediate has the old one's subject %q", b.Intermediate().Subject)
+	}
+}
+
+// An intermediate whose subject does not name its key (as made by earlier
+// versions) is replaced at Open: an edge takes a subject it knows for its
+// own issuer.
+func TestIntermediateWithoutKeyInSubjectReplaced(t *testing.T) {
+	dir := t.TempDir()
+	a := openCA(t, pki.Config{Dir: dir})
+	root := a.Root()
+	_ = a.Close()
+	rootKeyPEM, err := os.ReadFile(filepath.Join(dir, "root.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rootKey, err := certs.ParseKeyPEM(rootKeyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := certs.NewKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(7),
+		Subject:               pkix.Name{CommonName: "llorch intermediate CA " + testTD},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().AddDate(2, 0, 0),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		MaxPathLenZero:        true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, root, &key.PublicKey, rootKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	legacy, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyPEM, err := certs.EncodeKeyPEM(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "intermediate.key"), keyPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "intermediate.crt"), certs.EncodeCertsPEM([]*x509.Certificate{legacy}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	b := openCA(t, pki.Config{Dir: dir})
+	if b.Intermediate().Equal(legacy) || b.Intermediate().Subject.SerialNumber == "" {
+		t.Fatalf("intermediate with subject %q kept", b.Intermediate().Subject)
+	}
+	// The one made in its place is kept from then on.
+	replaced := b.Intermediate()
+	_ = b.Close()
+	if c := openCA(t, pki.Config{Dir: dir}); !c.Intermediate().Equal(replaced) {
+		t.Error("the replacement intermediate was replaced again on reopen")
+	}
+}
+
+// ClientCAs holds the root and the current intermediate: a node certificate
+// verifies from its leaf alone, and one under an earlier intermediate
+// verifies through its chain to the root.
+func TestClientCAs(t *testing.T) {
+	a := openCA(t, pki.Config{Dir: t.TempDir()})
+	pool := a.ClientCAs()
+	usage := []x509.ExtKeyUsage{x509.ExtKeyUsageAny}
+	leaf := serverLeaf(t, a) // signed by the intermediate, as node certificates are
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: usage}); err != nil {
+		t.Errorf("a leaf of the current intermediate does not verify alone: %v", err)
+	}
+	other := openCA(t, pki.Config{Dir: t.TempDir()})
+	if _, err := serverLeaf(t, other).Verify(x509.VerifyOptions{Roots: pool, KeyUsages: usage}); err == nil {
+		t.Error("another CA's leaf verifies against ClientCAs")
+	}
+	inter := x509.NewCertPool()
+	inter.AddCert(other.Intermediate())
+	if _, err := serverLeaf(t, other).Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: usage}); err == nil {
+		t.Error("another CA's chain verifies against ClientCAs")
 	}
 }
 

@@ -127,11 +127,9 @@ func (s *Server) open(ctx context.Context) (err error) {
 		return err
 	}
 	handler := s.handler()
-	roots := x509.NewCertPool()
-	roots.AddCert(s.ca.Root())
 	publicSrv := &http.Server{
 		Handler:           authz.Middleware(handler, false),
-		TLSConfig:         certs.ServerTLSConfig(s.ca.GetCertificate, roots),
+		TLSConfig:         certs.ServerTLSConfig(s.ca.GetCertificate, s.ca.ClientCAs()),
 		ReadHeaderTimeout: 10 * time.Second,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelDebug),

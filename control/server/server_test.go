@@ -7,6 +7,8 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -467,5 +469,87 @@ func TestEveryProcedureHasAPolicy(t *testing.T) {
 	}
 	if n != len(policies) {
 		t.Errorf("%d procedures, %d policies", n, len(policies))
+	}
+}
+
+// whoAmIPresenting calls WhoAmI as id over a new connection that presents
+// what present picks from the identity's chain, given the CAs the control
+// plane named in its handshake; it returns how many certificates went out.
+func whoAmIPresenting(id state.Identity, present func(id state.Identity, acceptableCAs [][]byte) tls.Certificate) (int, error) {
+	var sent int
+	cfg := certs.NodeClientTLSConfig(id.RootPool(), func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		c := present(id, cri.AcceptableCAs)
+		sent = len(c.Certificate)
+		return &c, nil
+	})
+	tr := &http2.Transport{TLSClientConfig: cfg}
+	defer tr.CloseIdleConnections()
+	nodes := llorchv1connect.NewNodeServiceClient(&http.Client{Transport: tr}, id.ControlURL)
+	_, err := nodes.WhoAmI(context.Background(), connect.NewRequest(&llorchv1.WhoAmIRequest{}))
+	return sent, err
+}
+
+func edgePresents(id state.Identity, acceptableCAs [][]byte) tls.Certificate {
+	return id.TLSCertificate(acceptableCAs)
+}
+
+func leafOnly(id state.Identity, _ [][]byte) tls.Certificate {
+	c := id.TLSCertificate(nil)
+	c.Certificate = c.Certificate[:1]
+	return c
+}
+
+// The control plane names its intermediate in the handshake, so an edge
+// presents its leaf alone; after the intermediate is replaced, an edge
+// whose certificate the old one issued presents its chain and still gets in.
+// A certificate from another CA gets in neither way.
+func TestClientCertificateChains(t *testing.T) {
+	srv := servertest.Start(t, nil)
+	res, _, err := enrollEdge(t, srv, srv.Token(t, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := res.Identity
+	if sent, err := whoAmIPresenting(id, edgePresents); err != nil || sent != 1 {
+		t.Fatalf("edge under the current intermediate: sent %d certificates, WhoAmI %v; want the leaf alone, accepted", sent, err)
+	}
+
+	// The intermediate is lost: the next start makes a new one.
+	cfg := srv.Config
+	cfg.Listen = srv.Addr().String()
+	srv.Stop()
+	for _, f := range []string{"intermediate.crt", "intermediate.key"} {
+		if err := os.Remove(filepath.Join(cfg.DataDir, "ca", f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv = servertest.StartConfig(t, cfg)
+	if sent, err := whoAmIPresenting(id, edgePresents); err != nil || sent != 2 {
+		t.Fatalf("edge under the replaced intermediate: sent %d certificates, WhoAmI %v; want the chain, accepted", sent, err)
+	}
+	if _, err := whoAmIPresenting(id, leafOnly); err == nil {
+		t.Fatal("the leaf of a replaced intermediate was accepted without its chain")
+	}
+	renewed, _, err := enrollEdge(t, srv, srv.Token(t, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sent, err := whoAmIPresenting(renewed.Identity, edgePresents); err != nil || sent != 1 {
+		t.Fatalf("edge enrolled under the new intermediate: sent %d certificates, WhoAmI %v; want the leaf alone, accepted", sent, err)
+	}
+
+	// Another control plane's node, pointed at this one.
+	other := servertest.Start(t, nil)
+	foreign, _, err := enrollEdge(t, other, other.Token(t, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stranger := foreign.Identity
+	stranger.ControlURL = srv.URL()
+	stranger.Roots = renewed.Identity.Roots // it trusts this control plane's server certificate
+	for name, present := range map[string]func(state.Identity, [][]byte) tls.Certificate{"chain": edgePresents, "leaf alone": leafOnly} {
+		if _, err := whoAmIPresenting(stranger, present); err == nil {
+			t.Errorf("a node certificate from another CA (%s) was accepted", name)
+		}
 	}
 }

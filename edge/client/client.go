@@ -53,8 +53,8 @@ func (h *Identity) Set(id state.Identity) {
 // a dead path long before TCP would.
 func HTTPClient(h *Identity) *http.Client {
 	id := h.Get()
-	tlsCfg := certs.NodeClientTLSConfig(id.RootPool(), func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-		c := h.Get().TLSCertificate()
+	tlsCfg := certs.NodeClientTLSConfig(id.RootPool(), func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		c := h.Get().TLSCertificate(cri.AcceptableCAs)
 		return &c, nil
 	})
 	return &http.Client{Transport: &http2.Transport{

@@ -22,6 +22,7 @@
 package state
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/tls"
@@ -100,10 +101,26 @@ func (id Identity) Expired(now time.Time) bool {
 	return now.After(id.NotAfter())
 }
 
-// TLSCertificate returns the tls.Certificate (chain + key) to present.
-func (id Identity) TLSCertificate() tls.Certificate {
+// TLSCertificate returns the tls.Certificate (chain + key) to present to a
+// server that asked for a certificate issued by one of acceptableCAs (the
+// DER subjects of a TLS 1.3 CertificateRequest's certificate_authorities).
+// When the leaf's issuer is among them the server holds that issuer, so the
+// leaf alone is sent: the server parses and keeps one certificate per
+// connection instead of two, and verifies one signature. Otherwise the whole
+// chain is sent, which verifies against the root: this is what keeps a node
+// working after the control plane replaced its intermediate.
+func (id Identity) TLSCertificate(acceptableCAs [][]byte) tls.Certificate {
+	chain := id.Chain
+	if leaf := id.Leaf(); leaf != nil && len(chain) > 1 {
+		for _, ca := range acceptableCAs {
+			if bytes.Equal(ca, leaf.RawIssuer) {
+				chain = chain[:1]
+				break
+			}
+		}
+	}
 	return tls.Certificate{
-		Certificate: certs.DER(id.Chain),
+		Certificate: certs.DER(chain),
 		PrivateKey:  id.Key,
 		Leaf:        id.Leaf(),
 	}

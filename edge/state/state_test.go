@@ -1,6 +1,7 @@
 package state_test
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/x509"
@@ -205,9 +206,25 @@ func TestSaveLoadRoundTrip(t *testing.T) {
 		t.Error("identity at exactly NotAfter is expired; x509 holds it valid")
 	}
 
-	tc := got.TLSCertificate()
-	if len(tc.Certificate) != 2 || tc.PrivateKey != got.Key || tc.Leaf != got.Leaf() {
-		t.Errorf("TLSCertificate: %d certificates, key set %v, leaf set %v", len(tc.Certificate), tc.PrivateKey != nil, tc.Leaf != nil)
+	// The whole chain unless the server named the leaf's issuer as a CA it
+	// accepts; then the leaf alone.
+	for _, c := range []struct {
+		name       string
+		acceptable [][]byte
+		want       int
+	}{
+		{"no CAs named", nil, 2},
+		{"only the root named", [][]byte{got.Roots[0].RawSubject}, 2},
+		{"another CA named", [][]byte{[]byte("not a subject")}, 2},
+		{"the issuer named", [][]byte{got.Roots[0].RawSubject, got.Chain[1].RawSubject}, 1},
+	} {
+		tc := got.TLSCertificate(c.acceptable)
+		if len(tc.Certificate) != c.want || tc.PrivateKey != got.Key || tc.Leaf != got.Leaf() {
+			t.Errorf("TLSCertificate, %s: %d certificates (want %d), key set %v, leaf set %v", c.name, len(tc.Certificate), c.want, tc.PrivateKey != nil, tc.Leaf != nil)
+		}
+		if !bytes.Equal(tc.Certificate[0], got.Leaf().Raw) {
+			t.Errorf("TLSCertificate, %s: the first certificate is not the leaf", c.name)
+		}
 	}
 	inter := x509.NewCertPool()
 	inter.AddCert(got.Chain[1])
