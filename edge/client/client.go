@@ -62,8 +62,21 @@ func HTTPClient(h *Identity) *http.Client {
 		DialTLSContext:  dialTLS,
 		ReadIdleTimeout: 15 * time.Second,
 		PingTimeout:     5 * time.Second,
+		// An edge's connection carries its session and the odd renewal:
+		// header compression tables would save a few bytes per request and
+		// cost the control plane about a kilobyte per connected node, for
+		// as long as the node stays connected. Both sides' dynamic tables
+		// are turned off (1 byte holds no entry): this side's encoder says
+		// so in its first header block, the control plane's encoder reads
+		// it from this side's SETTINGS, which come before any request.
+		MaxEncoderHeaderTableSize: noHeaderTable,
+		MaxDecoderHeaderTableSize: noHeaderTable,
 	}}
 }
+
+// noHeaderTable is an HPACK dynamic table size too small for any entry
+// (x/net/http2 reads 0 as "the default, 4096").
+const noHeaderTable = 1
 
 // DialTimeout bounds connecting and the TLS handshake, so a path that
 // swallows packets fails fast and the session's backoff takes over.
