@@ -40,6 +40,7 @@ token made on the spot; later runs reuse its identity. Stop with Ctrl-C.`,
 			cfg.DataDir = filepath.Join(dir, "control")
 			cfg.Logger = logger.With("component", "control")
 			cfg.APIToken = os.Getenv("LLORCH_API_TOKEN")
+			cfg.TuneGC = tuneGC()
 			cfg.Version = version.Version
 			srv, err := server.New(ctx, cfg)
 			if err != nil {

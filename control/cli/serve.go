@@ -31,6 +31,7 @@ A non-loopback --listen needs LLORCH_API_TOKEN, so that API clients authenticate
 			}
 			cfg.Logger = logger
 			cfg.APIToken = os.Getenv("LLORCH_API_TOKEN")
+			cfg.TuneGC = tuneGC()
 			cfg.Version = version.Version
 			srv, err := server.New(cmd.Context(), cfg)
 			if err != nil {
@@ -60,6 +61,10 @@ A non-loopback --listen needs LLORCH_API_TOKEN, so that API clients authenticate
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd
 }
+
+// tuneGC says whether the control plane may set the garbage collector's
+// target: not when the operator set one with GOGC.
+func tuneGC() bool { return os.Getenv("GOGC") == "" }
 
 // addFleetFlags adds the liveness and pacing flags serve and dev share.
 func addFleetFlags(f *pflag.FlagSet, cfg *server.Config) {

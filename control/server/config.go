@@ -50,9 +50,14 @@ type Config struct {
 	// RegisterTimeout is how long a new edge session may take to send its
 	// Register message before it is cut off; 0: 30s.
 	RegisterTimeout time.Duration
-	Version         string
-	Clock           clock.Clock  // nil: the wall clock
-	Logger          *slog.Logger // nil: discard
+	// TuneGC lets the control plane set the garbage collector's target: lean
+	// while the fleet is steady, Go's default while edges connect in numbers
+	// (gc.go). The target is the whole process's, so the commands set this
+	// and tests do not; the commands leave it off when GOGC is set.
+	TuneGC  bool
+	Version string
+	Clock   clock.Clock  // nil: the wall clock
+	Logger  *slog.Logger // nil: discard
 }
 
 // DefaultConfig returns a Config with every default filled in except DataDir.

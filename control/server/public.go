@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -33,6 +34,8 @@ type publicPort struct {
 	log   *slog.Logger
 
 	handoff *connListener
+
+	handshakes atomic.Uint64 // TLS handshakes begun, for the collector's tuning
 
 	mu      sync.Mutex
 	conns   map[net.Conn]struct{} // handshaking or HTTP/2; closed by closeAll
@@ -122,6 +125,7 @@ func (p *publicPort) serveConn(c net.Conn) {
 // handshake does the TLS handshake within HandshakeTimeout; nil if it failed
 // (the connection is closed then).
 func (p *publicPort) handshake(c net.Conn) *tls.Conn {
+	p.handshakes.Add(1)
 	tc := tls.Server(c, p.tls)
 	c.SetDeadline(time.Now().Add(HandshakeTimeout))
 	if err := tc.Handshake(); err != nil {

@@ -284,6 +284,12 @@ func (s *Server) Run(ctx context.Context) error {
 	errc := make(chan error, 2)
 	go func() { errc <- s.port.serve() }()
 	go func() { errc <- s.localSrv.Serve(s.local) }()
+	if s.cfg.TuneGC {
+		gcCtx, stopGC := context.WithCancel(context.Background())
+		gcDone := make(chan struct{})
+		go func() { newGCTuner(s.port.handshakes.Load, s.log).run(gcCtx); close(gcDone) }()
+		defer func() { stopGC(); <-gcDone }()
+	}
 	s.log.Info("control plane serving", "listen", s.public.Addr().String(), "socket", SocketPath(s.cfg.DataDir), "ca_fingerprint", s.ca.Fingerprint(), "trust_domain", s.ca.TrustDomain())
 	var err error
 	select {
