@@ -248,7 +248,8 @@ func (r *Registry) Run(ctx context.Context) error {
 		lastTick = now
 		r.Sweep(now)
 		if now.Sub(lastFlush) >= r.cfg.FlushInterval {
-			r.flushLastSeen(ctx)
+			// Not cut short by the shutdown: the final flush follows it.
+			r.flushLastSeen(context.WithoutCancel(ctx))
 			lastFlush = now
 		}
 	}
@@ -394,6 +395,13 @@ func (r *Registry) flushLastSeen(ctx context.Context) {
 	if err := r.cfg.Store.UpdateLastSeen(ctx, seen); err != nil {
 		r.metrics.StoreError()
 		r.log.Error("cannot record last-seen times; will retry", "nodes", len(seen), "err", err)
+		r.mu.Lock()
+		for id := range seen {
+			if e, ok := r.nodes[id]; ok {
+				e.dirty = true
+			}
+		}
+		r.mu.Unlock()
 		r.mu.Lock()
 		for id := range seen {
 			if e, ok := r.nodes[id]; ok {

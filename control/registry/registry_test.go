@@ -22,6 +22,8 @@ import (
 type countingStore struct {
 	*store.Store
 	statusWrites, lastSeenWrites atomic.Int64
+	// failLastSeen fails that many last-seen writes, as a full disk would.
+	failLastSeen atomic.Int64
 }
 
 func (c *countingStore) SetNodeStatuses(ctx context.Context, ch []control.StatusChange, now time.Time) error {
@@ -30,6 +32,9 @@ func (c *countingStore) SetNodeStatuses(ctx context.Context, ch []control.Status
 }
 
 func (c *countingStore) UpdateLastSeen(ctx context.Context, seen map[string]time.Time) error {
+	if len(seen) > 0 && c.failLastSeen.Add(-1) >= 0 {
+		return errors.New("disk full")
+	}
 	err := c.Store.UpdateLastSeen(ctx, seen)
 	if len(seen) > 0 {
 		c.lastSeenWrites.Add(1) // after the write, so a test that saw the count sees the data
@@ -480,6 +485,33 @@ func TestHeartbeatsDoNotWrite(t *testing.T) {
 	}
 	if n.LastSeen.IsZero() {
 		t.Fatal("last seen not flushed")
+	}
+}
+
+// A last-seen flush that fails is retried with the next one; the times are
+// not dropped.
+func TestLastSeenRetriedAfterAFailedWrite(t *testing.T) {
+	e := newEnv(t, "n1")
+	s := connect(t, e.reg, "n1")
+	e.waitEvent(t, "n1", "registered")
+	e.st.failLastSeen.Store(1)
+	if err := s.Heartbeat(nil); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for e.st.lastSeenWrites.Load() == 0 && time.Now().Before(deadline) {
+		e.clock.Advance(500 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond)
+	}
+	if e.st.failLastSeen.Load() >= 0 {
+		t.Fatal("the failing write was never tried")
+	}
+	n, err := e.st.GetNode(context.Background(), "n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n.LastSeen.IsZero() {
+		t.Fatal("last seen lost after a failed write")
 	}
 }
 
