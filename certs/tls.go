@@ -13,6 +13,11 @@ import (
 // client (certificate_authorities), which is how an edge knows it may send
 // its leaf alone. Whether a procedure needs a certificate is decided per
 // procedure by the authorization interceptor, not here.
+//
+// Session tickets are on: a resumed session carries the client's verified
+// chain, which crypto/tls checks for expiry and against clientCAs again, and
+// the interceptor checks the node on every request. The caller sets the
+// ticket keys (SetSessionTicketKeys) so that tickets survive a restart.
 func ServerTLSConfig(getCert func(*tls.ClientHelloInfo) (*tls.Certificate, error), clientCAs *x509.CertPool) *tls.Config {
 	return &tls.Config{
 		MinVersion:     tls.VersionTLS13,
@@ -20,21 +25,22 @@ func ServerTLSConfig(getCert func(*tls.ClientHelloInfo) (*tls.Certificate, error
 		ClientAuth:     tls.VerifyClientCertIfGiven,
 		ClientCAs:      clientCAs,
 		NextProtos:     []string{"h2", "http/1.1"},
-		// A resumed session skips the certificate check; revocation is checked
-		// per request anyway, but a fresh handshake keeps the picture simple.
-		SessionTicketsDisabled: true,
 	}
 }
 
 // NodeClientTLSConfig is an edge's mTLS configuration: the control plane must
-// chain to roots, and the edge presents the certificate getCert returns, which
-// lets a renewed certificate take effect without a new transport.
+// chain to roots, and the edge presents the certificate getCert returns. The
+// configuration keeps the control plane's session tickets, so that after a
+// control-plane restart the edge resumes its TLS session instead of a full
+// handshake; a ticket is for the certificate the edge presented when it got
+// it, so a renewed certificate needs a new configuration.
 func NodeClientTLSConfig(roots *x509.CertPool, getCert func(*tls.CertificateRequestInfo) (*tls.Certificate, error)) *tls.Config {
 	return &tls.Config{
 		MinVersion:           tls.VersionTLS13,
 		RootCAs:              roots,
 		GetClientCertificate: getCert,
 		NextProtos:           []string{"h2"},
+		ClientSessionCache:   tls.NewLRUClientSessionCache(4),
 	}
 }
 

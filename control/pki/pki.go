@@ -154,6 +154,10 @@ type Authority struct {
 	server  atomic.Pointer[tls.Certificate]
 	renewMu sync.Mutex
 
+	// tickets are the session ticket keys, newest first (tickets.go).
+	ticketMu sync.Mutex
+	tickets  []ticketKey
+
 	// The embedded smallstep authority and what SignNode needs to talk to it.
 	step     *authority.Authority
 	ottKey   jose.Signer
@@ -181,6 +185,7 @@ func Open(ctx context.Context, cfg Config) (*Authority, error) {
 	if err := a.loadOrCreate(ctx); err != nil {
 		return nil, fmt.Errorf("open CA in %s: %w", cfg.Dir, err)
 	}
+	a.loadTicketKeys(ctx)
 	a.fingerprint = certs.Fingerprint(a.root)
 	if err := a.startStep(); err != nil {
 		return nil, fmt.Errorf("start embedded authority: %w", err)

@@ -535,3 +535,67 @@ func TestNewRootReplacesLeftovers(t *testing.T) {
 		t.Errorf("server certificate not signed by the new intermediate: %v", err)
 	}
 }
+
+func TestTicketKeys(t *testing.T) {
+	dir := t.TempDir()
+	fake := clock.NewFake(time.Now())
+	ctx := context.Background()
+	a := openCA(t, pki.Config{Dir: dir, Clock: fake})
+	first := a.TicketKeys(ctx)
+	if len(first) != 1 {
+		t.Fatalf("%d keys at first start, want 1", len(first))
+	}
+	info, err := os.Stat(filepath.Join(dir, "session-ticket.keys"))
+	if err != nil || info.Mode().Perm() != 0o600 {
+		t.Fatalf("key file: %v, mode %v; want 0600", err, info.Mode().Perm())
+	}
+	fake.Advance(23 * time.Hour)
+	if got := a.TicketKeys(ctx); len(got) != 1 || got[0] != first[0] {
+		t.Fatalf("keys replaced before a day: %d keys", len(got))
+	}
+	_ = a.Close()
+
+	// A restart keeps them: that is what lets edges resume.
+	b := openCA(t, pki.Config{Dir: dir, Clock: fake})
+	if got := b.TicketKeys(ctx); len(got) != 1 || got[0] != first[0] {
+		t.Fatal("keys not kept across a restart")
+	}
+	// A day on, a new key encrypts and the old one still decrypts ...
+	fake.Advance(2 * time.Hour)
+	second := b.TicketKeys(ctx)
+	if len(second) != 2 || second[0] == first[0] || second[1] != first[0] {
+		t.Fatalf("after a day: %d keys, want a new one first and the old one second", len(second))
+	}
+	// ... for 8 days from when it was made, then it is gone.
+	for range 6 {
+		fake.Advance(24 * time.Hour)
+		b.TicketKeys(ctx)
+	}
+	if got := b.TicketKeys(ctx); !slices.Contains(got, first[0]) {
+		t.Fatal("the first key was dropped within 8 days of being made")
+	}
+	fake.Advance(24 * time.Hour)
+	if got := b.TicketKeys(ctx); slices.Contains(got, first[0]) || len(got) != 8 {
+		t.Fatalf("after 8 days: %d keys, first key kept %v; want 8 daily keys without it", len(got), slices.Contains(got, first[0]))
+	}
+	_ = b.Close()
+
+	// A damaged file does not stop the control plane: new keys replace it.
+	for name, content := range map[string]string{
+		"garbage":       "not a key file\n",
+		"short key":     "1700000000 abcd\n",
+		"long key":      "1700000000 " + strings.Repeat("ab", 33) + "\n",
+		"out of order":  "1700000000 " + strings.Repeat("ab", 32) + "\n1800000000 " + strings.Repeat("cd", 32) + "\n",
+		"not hex":       "1700000000 " + strings.Repeat("zz", 32) + "\n",
+		"missing parts": "1700000000\n",
+	} {
+		if err := os.WriteFile(filepath.Join(dir, "session-ticket.keys"), []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		c := openCA(t, pki.Config{Dir: dir, Clock: fake})
+		if got := c.TicketKeys(ctx); len(got) != 1 {
+			t.Errorf("%s: %d keys, want one new key", name, len(got))
+		}
+		_ = c.Close()
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -144,6 +145,7 @@ func (s *Server) open(ctx context.Context) (err error) {
 	if err != nil {
 		return fmt.Errorf("configure HTTP/2: %w", err)
 	}
+	s.port.tls.SetSessionTicketKeys(s.ca.TicketKeys(ctx))
 	s.localSrv = &http.Server{
 		Handler:           localHandler(authz.Middleware(handler, true)),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -284,11 +286,12 @@ func (s *Server) Run(ctx context.Context) error {
 	errc := make(chan error, 2)
 	go func() { errc <- s.port.serve() }()
 	go func() { errc <- s.localSrv.Serve(s.local) }()
+	helpersCtx, stopHelpers := context.WithCancel(context.Background())
+	var helpers sync.WaitGroup
+	defer func() { stopHelpers(); helpers.Wait() }()
+	helpers.Go(func() { s.rotateTicketKeys(helpersCtx) })
 	if s.cfg.TuneGC {
-		gcCtx, stopGC := context.WithCancel(context.Background())
-		gcDone := make(chan struct{})
-		go func() { newGCTuner(s.port.handshakes.Load, s.log).run(gcCtx); close(gcDone) }()
-		defer func() { stopGC(); <-gcDone }()
+		helpers.Go(func() { newGCTuner(s.port.handshakes.Load, s.log).run(helpersCtx) })
 	}
 	s.log.Info("control plane serving", "listen", s.public.Addr().String(), "socket", SocketPath(s.cfg.DataDir), "ca_fingerprint", s.ca.Fingerprint(), "trust_domain", s.ca.TrustDomain())
 	var err error
@@ -310,6 +313,21 @@ func (s *Server) Run(ctx context.Context) error {
 	stopRegistry()
 	<-regDone
 	return err
+}
+
+// rotateTicketKeys gives the public port the CA's session ticket keys every
+// hour; the CA makes a new one each day (pki.Authority.TicketKeys).
+func (s *Server) rotateTicketKeys(ctx context.Context) {
+	tick := time.NewTicker(time.Hour)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			s.port.tls.SetSessionTicketKeys(s.ca.TicketKeys(ctx))
+		}
+	}
 }
 
 // Registry is the live fleet, for tests in the same process.

@@ -553,3 +553,73 @@ func TestClientCertificateChains(t *testing.T) {
 		}
 	}
 }
+
+// resumingNode calls WhoAmI as a node over connections that share one TLS
+// configuration, as an edge's do, and records whether each resumed a session.
+type resumingNode struct {
+	cfg     *tls.Config
+	url     string
+	resumed []bool
+}
+
+func newResumingNode(id state.Identity) *resumingNode {
+	cfg := certs.NodeClientTLSConfig(id.RootPool(), func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		c := id.TLSCertificate(cri.AcceptableCAs)
+		return &c, nil
+	})
+	return &resumingNode{cfg: cfg, url: id.ControlURL}
+}
+
+// whoAmI calls WhoAmI over a new connection.
+func (n *resumingNode) whoAmI() error {
+	tr := &http2.Transport{
+		TLSClientConfig: n.cfg,
+		DialTLSContext: func(ctx context.Context, network, addr string, cfg *tls.Config) (net.Conn, error) {
+			c, err := (&tls.Dialer{Config: cfg}).DialContext(ctx, network, addr)
+			if err == nil {
+				n.resumed = append(n.resumed, c.(*tls.Conn).ConnectionState().DidResume)
+			}
+			return c, err
+		},
+	}
+	defer tr.CloseIdleConnections()
+	nodes := llorchv1connect.NewNodeServiceClient(&http.Client{Transport: tr}, n.url)
+	_, err := nodes.WhoAmI(context.Background(), connect.NewRequest(&llorchv1.WhoAmIRequest{}))
+	return client.Explain(err)
+}
+
+// After a restart an edge resumes its TLS session with the ticket the control
+// plane gave it before (the ticket keys are kept in the data directory), and
+// a resumed session is still authorized per request: removal applies.
+func TestSessionResumptionAcrossRestart(t *testing.T) {
+	srv := servertest.Start(t, nil)
+	res, _, err := enrollEdge(t, srv, srv.Token(t, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := newResumingNode(res.Identity)
+	if err := node.whoAmI(); err != nil {
+		t.Fatalf("first call: %v", err)
+	}
+
+	cfg := srv.Config
+	cfg.Listen = srv.Addr().String()
+	srv.Stop()
+	srv = servertest.StartConfig(t, cfg)
+	if err := node.whoAmI(); err != nil {
+		t.Fatalf("after the restart: %v", err)
+	}
+	if len(node.resumed) != 2 || node.resumed[0] || !node.resumed[1] {
+		t.Fatalf("resumed per connection %v, want [false true]: a full handshake, then a resumed one after the restart", node.resumed)
+	}
+
+	if _, err := srv.Admin.RemoveNode(context.Background(), connect.NewRequest(&llorchv1.RemoveNodeRequest{Id: res.Identity.NodeID})); err != nil {
+		t.Fatal(err)
+	}
+	if err := node.whoAmI(); !errors.Is(err, edge.ErrRevoked) {
+		t.Fatalf("removed node over a resumed session: %v, want ErrRevoked", err)
+	}
+	if !node.resumed[len(node.resumed)-1] {
+		t.Fatal("the call after removal did not resume; the test did not test a resumed session")
+	}
+}
