@@ -3,25 +3,26 @@ package server
 import (
 	"context"
 	"log/slog"
+	"runtime"
 	"runtime/debug"
 	"time"
 )
 
 // The garbage collector's target, as GOGC percentages: how far the heap may
-// grow past what was live after the last collection before the next one
-// starts.
+// grow past what was live after the last collection (stacks count as live)
+// before the next one starts.
 //
-// A connected fleet makes little garbage: at 10,000 edges the heap that is
-// live is almost all sessions, and heartbeats add a few megabytes a second.
-// Go's default (100) lets the heap double anyway, so the process holds about
-// 80 KiB per session where 53 KiB are live. A reconnection storm (every edge
-// handshaking again after a restart) is the opposite: it makes garbage as fast
-// as the CPUs allow, and a tight target there turns into collections that
-// slow the handshakes (with GOGC=25 throughout, 10,000 edges took 33-35 s to
-// come back after a restart instead of 26-29 s; docs/BENCHMARKS.md). So the control plane runs lean while the
-// fleet is steady and at Go's default while edges are connecting in numbers.
+// A connected fleet makes little garbage, but at Go's default (100) the
+// collector still lets the heap grow by as much as is live: at 10,000 edges
+// about 75 KiB of RSS per session where 49 KiB are live. A reconnection storm
+// (every edge handshaking again after a restart) is the opposite: it makes
+// garbage as fast as the CPUs allow, and a tight target there turns into
+// collections that slow the handshakes (with GOGC=25 throughout, 10,000 edges
+// took 33-35 s to come back instead of 26-29 s; docs/BENCHMARKS.md). So the
+// control plane runs lean while the fleet is steady and at Go's default while
+// edges connect in numbers.
 const (
-	gcSteadyPercent = 25
+	gcSteadyPercent = 10
 	gcStormPercent  = 100
 	// gcStormHandshakes is the handshake rate on the public port (per
 	// second) that counts as a storm.
@@ -38,7 +39,7 @@ const (
 type gcTuner struct {
 	handshakes func() uint64         // handshakes so far
 	setPercent func(percent int) int // debug.SetGCPercent
-	release    func()                // debug.FreeOSMemory
+	collect    func()                // runtime.GC
 	log        *slog.Logger
 
 	steady   bool
@@ -49,7 +50,7 @@ type gcTuner struct {
 }
 
 func newGCTuner(handshakes func() uint64, log *slog.Logger) *gcTuner {
-	return &gcTuner{handshakes: handshakes, setPercent: debug.SetGCPercent, release: debug.FreeOSMemory, log: log}
+	return &gcTuner{handshakes: handshakes, setPercent: debug.SetGCPercent, collect: runtime.GC, log: log}
 }
 
 // run observes the handshake rate every second until ctx ends, then puts the
@@ -92,11 +93,13 @@ func (t *gcTuner) observe(now time.Time) {
 	}
 	if !t.steady && now.Sub(t.busyAt) >= gcSettle {
 		t.steady = true
+		// Collect first, under the storm's target: lowered with the
+		// storm's heap still there, the target would be far behind and
+		// every allocating goroutine (heartbeat acks) would be made to help
+		// mark (hundreds of milliseconds, once). After this collection the
+		// heap is what is live, and the lean target starts from it.
+		t.collect()
 		t.setPercent(gcSteadyPercent)
-		// The storm's heap is free now but still mapped; the runtime's own
-		// scavenger would take minutes to hand it back. This collects and
-		// returns it at once (a collection's worth of CPU, once per storm).
-		t.release()
-		t.log.Info("fleet steady: garbage collection lean, free memory returned to the OS", "gogc", gcSteadyPercent)
+		t.log.Info("fleet steady: garbage collection lean", "gogc", gcSteadyPercent)
 	}
 }

@@ -11,10 +11,11 @@ import (
 // that the test moves by hand.
 type tunerUnderTest struct {
 	*gcTuner
-	count    uint64
-	percent  int
-	released int
-	now      time.Time
+	count   uint64
+	percent int
+	// percentAtCollect is the target each forced collection ran under.
+	percentAtCollect []int
+	now              time.Time
 }
 
 func newTunerUnderTest() *tunerUnderTest {
@@ -22,7 +23,7 @@ func newTunerUnderTest() *tunerUnderTest {
 	u.gcTuner = &gcTuner{
 		handshakes: func() uint64 { return u.count },
 		setPercent: func(p int) int { old := u.percent; u.percent = p; return old },
-		release:    func() { u.released++ },
+		collect:    func() { u.percentAtCollect = append(u.percentAtCollect, u.percent) },
 		log:        slog.New(slog.DiscardHandler),
 	}
 	u.start(u.now)
@@ -55,12 +56,15 @@ func TestGCTunerLeanOnceTheFleetIsSteady(t *testing.T) {
 	if u.percent != gcStormPercent {
 		t.Fatalf("target %d before the fleet settled, want %d", u.percent, gcStormPercent)
 	}
-	if u.released != 0 {
-		t.Fatal("memory returned to the OS before the fleet settled")
+	if len(u.percentAtCollect) != 0 {
+		t.Fatal("a collection was forced before the fleet settled")
 	}
 	u.second(0)
-	if u.percent != gcSteadyPercent || u.released != 1 {
-		t.Fatalf("once steady: target %d, memory returned %d times; want %d, once", u.percent, u.released, gcSteadyPercent)
+	if u.percent != gcSteadyPercent {
+		t.Fatalf("target %d once steady, want %d", u.percent, gcSteadyPercent)
+	}
+	if len(u.percentAtCollect) != 1 || u.percentAtCollect[0] != gcStormPercent {
+		t.Fatalf("collections forced under targets %v, want one under %d, before the target was lowered", u.percentAtCollect, gcStormPercent)
 	}
 	// A few edges come and go: still lean.
 	for range 30 {
