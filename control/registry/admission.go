@@ -18,7 +18,7 @@ type Admission struct {
 // Default admission: far above what a fleet needs in steady state, low
 // enough that 10,000 edges reconnecting are spread over seconds.
 const (
-	DefaultRegistrationRate  = 500
+	DefaultRegistrationRate  = 1000
 	DefaultRegistrationBurst = 100
 )
 

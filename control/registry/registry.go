@@ -199,18 +199,20 @@ func reconnectSpread(nodes int) time.Duration {
 
 // restartGrace is how long nodes stay unknown after a start, unless
 // Config.RestartGrace says: at least OfflineAfter and MinRestartGrace, and at
-// least the longest retry hint of a shutdown plus twice the time the
-// admission pacing needs to let every node in (refused attempts and a busy
-// CPU slow the return). So a large fleet coming back through the pacing is
-// never called offline for the control plane's own restart: 10,000 nodes at
-// 500/s get 52s.
+// least the longest retry hint of a shutdown plus four times the time the
+// admission pacing needs to let every node in: refused attempts slow the
+// return, and the pacing is not always the bound (edges whose TLS session
+// tickets expired do full handshakes, which on a small machine run at about
+// half the default rate). So a large fleet coming back is never called
+// offline for the control plane's own restart: 10,000 nodes at 1000/s get
+// 52s.
 func (r *Registry) restartGrace(nodes int) time.Duration {
 	if r.cfg.RestartGrace > 0 {
 		return r.cfg.RestartGrace
 	}
 	grace := max(r.cfg.OfflineAfter, MinRestartGrace)
 	if rate := r.cfg.Admission.Rate; rate > 0 {
-		paced := time.Duration(2 * float64(nodes) / rate * float64(time.Second))
+		paced := time.Duration(4 * float64(nodes) / rate * float64(time.Second))
 		grace = max(grace, restartFloor+maxReconnectSpread+paced)
 	}
 	return grace
