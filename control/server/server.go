@@ -94,6 +94,13 @@ func (s *Server) open(ctx context.Context) (err error) {
 	if s.lock, err = lockDataDir(cfg.DataDir); err != nil {
 		return err
 	}
+	// Listen before the slow part of the start (the store, the CA, loading
+	// and marking every node unknown: seconds for a large fleet). Edges that
+	// come back meanwhile wait in the kernel's accept queue for their
+	// handshake instead of being refused and backing off.
+	if s.public, err = net.Listen("tcp", cfg.Listen); err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
 	if s.store, err = store.Open(ctx, filepath.Join(cfg.DataDir, "llorch.db")); err != nil {
 		return err
 	}
@@ -120,9 +127,6 @@ func (s *Server) open(ctx context.Context) (err error) {
 	})
 	if err := s.registry.Load(ctx); err != nil {
 		return err
-	}
-	if s.public, err = net.Listen("tcp", cfg.Listen); err != nil {
-		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
 	if s.local, err = listenSocket(SocketPath(cfg.DataDir)); err != nil {
 		return err
