@@ -286,6 +286,7 @@ func (m metricsText) sum(name string, match ...string) float64 {
 // procStat is what /proc says about a process.
 type procStat struct {
 	RSS     int64         // bytes
+	PeakRSS int64         // bytes, the most since the process started (VmHWM)
 	CPU     time.Duration // user + system
 	FDs     int
 	Threads int
@@ -312,6 +313,9 @@ func readProc(pid int) (procStat, error) {
 		case "VmRSS":
 			kb, _ := strconv.ParseInt(fields[0], 10, 64)
 			st.RSS = kb << 10
+		case "VmHWM":
+			kb, _ := strconv.ParseInt(fields[0], 10, 64)
+			st.PeakRSS = kb << 10
 		case "Threads":
 			st.Threads, _ = strconv.Atoi(fields[0])
 		}

@@ -76,6 +76,7 @@ type EnrollResult struct {
 type MemSample struct {
 	At            float64 `json:"at_seconds"`
 	RSS           int64   `json:"rss_bytes"`
+	PeakRSS       int64   `json:"peak_rss_bytes"`
 	HeapInuse     int64   `json:"heap_inuse_bytes"`
 	HeapAlloc     int64   `json:"heap_alloc_bytes"`
 	StackInuse    int64   `json:"stack_inuse_bytes"`
@@ -110,19 +111,22 @@ type RampResult struct {
 
 // SteadyResult is the fleet held up.
 type SteadyResult struct {
-	Seconds            float64     `json:"seconds"`
-	Sessions           int         `json:"sessions"`
-	Ack                Latency     `json:"ack"`
-	HeartbeatsCounted  float64     `json:"heartbeats_counted"`
-	HeartbeatsExpected float64     `json:"heartbeats_expected"`
-	ControlCPUPercent  float64     `json:"control_cpu_percent"`
-	SimCPUPercent      float64     `json:"edgesim_cpu_percent"`
-	MedianRSS          int64       `json:"median_rss_bytes"`
-	MedianHeapStack    int64       `json:"median_heap_plus_stack_bytes"`
-	RSSPerSession      float64     `json:"rss_per_session_bytes"`
-	HeapStackPerSess   float64     `json:"heap_stack_per_session_bytes"`
-	GoroutinesPerSess  float64     `json:"goroutines_per_session"`
-	Samples            []MemSample `json:"samples"`
+	Seconds            float64 `json:"seconds"`
+	Sessions           int     `json:"sessions"`
+	Ack                Latency `json:"ack"`
+	HeartbeatsCounted  float64 `json:"heartbeats_counted"`
+	HeartbeatsExpected float64 `json:"heartbeats_expected"`
+	ControlCPUPercent  float64 `json:"control_cpu_percent"`
+	SimCPUPercent      float64 `json:"edgesim_cpu_percent"`
+	MedianRSS          int64   `json:"median_rss_bytes"`
+	MedianHeapStack    int64   `json:"median_heap_plus_stack_bytes"`
+	RSSPerSession      float64 `json:"rss_per_session_bytes"`
+	// PeakRSSPerSession is the most the control plane held since it
+	// started (the ramp included), over the baseline, per session.
+	PeakRSSPerSession float64     `json:"peak_rss_per_session_bytes"`
+	HeapStackPerSess  float64     `json:"heap_stack_per_session_bytes"`
+	GoroutinesPerSess float64     `json:"goroutines_per_session"`
+	Samples           []MemSample `json:"samples"`
 	// Live is a sample taken at the end of the hold right after a garbage
 	// collection: what the sessions hold, without the collector's headroom.
 	// LivePerSession is its heap and stacks over the live baseline's.
@@ -191,6 +195,7 @@ func (st *SteadyResult) perSession(base, baseLive MemSample) {
 	}
 	n := float64(st.Sessions)
 	st.RSSPerSession = float64(st.MedianRSS-base.RSS) / n
+	st.PeakRSSPerSession = float64(st.Samples[len(st.Samples)-1].PeakRSS-base.RSS) / n
 	st.HeapStackPerSess = float64(st.MedianHeapStack-base.HeapInuse-base.StackInuse) / n
 	st.GoroutinesPerSess = float64(st.Samples[len(st.Samples)-1].Goroutines-base.Goroutines) / n
 	if st.Live.Sessions > 0 {
@@ -243,6 +248,7 @@ func printSummary(w io.Writer, res *Result) {
 		fmt.Fprintf(tw, "\theartbeats counted %.0f, expected %.0f\n", st.HeartbeatsCounted, st.HeartbeatsExpected)
 		fmt.Fprintf(tw, "\tcontrol plane: RSS %s (%s/session), heap+stack %s (%s/session), %d goroutines (%.1f/session), %d fds, CPU %.0f%%\n",
 			mib(st.MedianRSS), kib(st.RSSPerSession), mib(st.MedianHeapStack), kib(st.HeapStackPerSess), last.Goroutines, st.GoroutinesPerSess, last.FDs, st.ControlCPUPercent)
+		fmt.Fprintf(tw, "\tpeak RSS %s (%s/session; the most since it started, the ramp included)\n", mib(last.PeakRSS), kib(st.PeakRSSPerSession))
 		fmt.Fprintf(tw, "\tafter a garbage collection: heap %s + stacks %s (%s/session live); heap profile %s\n",
 			mib(st.Live.HeapAlloc), mib(st.Live.StackInuse), kib(st.LivePerSession), st.HeapProfile)
 		fmt.Fprintf(tw, "\tedgesim: RSS %s, %d goroutines, %d fds, CPU %.0f%%\n", mib(last.SimRSS), last.SimGoroutines, last.SimFDs, st.SimCPUPercent)

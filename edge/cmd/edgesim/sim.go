@@ -475,7 +475,7 @@ func (s *Sim) sample(ctx context.Context) (MemSample, error) {
 	}
 	return MemSample{
 		At:  time.Since(s.began).Seconds(),
-		RSS: p.RSS, HeapInuse: int64(m.sum("go_memstats_heap_inuse_bytes")), HeapAlloc: int64(m.sum("go_memstats_heap_alloc_bytes")),
+		RSS: p.RSS, PeakRSS: p.PeakRSS, HeapInuse: int64(m.sum("go_memstats_heap_inuse_bytes")), HeapAlloc: int64(m.sum("go_memstats_heap_alloc_bytes")),
 		StackInuse: int64(m.sum("go_memstats_stack_inuse_bytes")),
 		NextGC:     int64(m.sum("go_memstats_next_gc_bytes")),
 		Goroutines: int(m.sum("go_goroutines")), Sessions: int(m.sum("llorch_sessions")), Heartbeats: m.sum("llorch_heartbeats_total"),
