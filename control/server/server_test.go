@@ -472,21 +472,55 @@ func TestEveryProcedureHasAPolicy(t *testing.T) {
 	}
 }
 
-// whoAmIPresenting calls WhoAmI as id over a new connection that presents
-// what present picks from the identity's chain, given the CAs the control
-// plane named in its handshake; it returns how many certificates went out.
-func whoAmIPresenting(id state.Identity, present func(id state.Identity, acceptableCAs [][]byte) tls.Certificate) (int, error) {
-	var sent int
-	cfg := certs.NodeClientTLSConfig(id.RootPool(), func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+// testNode calls WhoAmI as a node over connections that share one TLS
+// configuration, as an edge's do. present picks what a handshake presents
+// from the identity's chain, given the CAs the control plane named in it. The
+// node records how many certificates each handshake sent and whether each
+// connection resumed a TLS session.
+type testNode struct {
+	cfg     *tls.Config
+	url     string
+	sent    []int
+	resumed []bool
+}
+
+func newTestNode(id state.Identity, present func(id state.Identity, acceptableCAs [][]byte) tls.Certificate) *testNode {
+	n := &testNode{url: id.ControlURL}
+	n.cfg = certs.NodeClientTLSConfig(id.RootPool(), func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
 		c := present(id, cri.AcceptableCAs)
-		sent = len(c.Certificate)
+		n.sent = append(n.sent, len(c.Certificate))
 		return &c, nil
 	})
-	tr := &http2.Transport{TLSClientConfig: cfg}
+	return n
+}
+
+// whoAmI calls WhoAmI over a new connection.
+func (n *testNode) whoAmI() error {
+	tr := &http2.Transport{
+		TLSClientConfig: n.cfg,
+		DialTLSContext: func(ctx context.Context, network, addr string, cfg *tls.Config) (net.Conn, error) {
+			c, err := (&tls.Dialer{Config: cfg}).DialContext(ctx, network, addr)
+			if err == nil {
+				n.resumed = append(n.resumed, c.(*tls.Conn).ConnectionState().DidResume)
+			}
+			return c, err
+		},
+	}
 	defer tr.CloseIdleConnections()
-	nodes := llorchv1connect.NewNodeServiceClient(&http.Client{Transport: tr}, id.ControlURL)
+	nodes := llorchv1connect.NewNodeServiceClient(&http.Client{Transport: tr}, n.url)
 	_, err := nodes.WhoAmI(context.Background(), connect.NewRequest(&llorchv1.WhoAmIRequest{}))
-	return sent, err
+	return client.Explain(err)
+}
+
+// whoAmIPresenting calls WhoAmI as id over a connection of its own that
+// presents what present picks; it returns how many certificates went out.
+func whoAmIPresenting(id state.Identity, present func(id state.Identity, acceptableCAs [][]byte) tls.Certificate) (int, error) {
+	n := newTestNode(id, present)
+	err := n.whoAmI()
+	if len(n.sent) == 0 {
+		return 0, err
+	}
+	return n.sent[len(n.sent)-1], err
 }
 
 func edgePresents(id state.Identity, acceptableCAs [][]byte) tls.Certificate {
@@ -554,40 +588,6 @@ func TestClientCertificateChains(t *testing.T) {
 	}
 }
 
-// resumingNode calls WhoAmI as a node over connections that share one TLS
-// configuration, as an edge's do, and records whether each resumed a session.
-type resumingNode struct {
-	cfg     *tls.Config
-	url     string
-	resumed []bool
-}
-
-func newResumingNode(id state.Identity) *resumingNode {
-	cfg := certs.NodeClientTLSConfig(id.RootPool(), func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
-		c := id.TLSCertificate(cri.AcceptableCAs)
-		return &c, nil
-	})
-	return &resumingNode{cfg: cfg, url: id.ControlURL}
-}
-
-// whoAmI calls WhoAmI over a new connection.
-func (n *resumingNode) whoAmI() error {
-	tr := &http2.Transport{
-		TLSClientConfig: n.cfg,
-		DialTLSContext: func(ctx context.Context, network, addr string, cfg *tls.Config) (net.Conn, error) {
-			c, err := (&tls.Dialer{Config: cfg}).DialContext(ctx, network, addr)
-			if err == nil {
-				n.resumed = append(n.resumed, c.(*tls.Conn).ConnectionState().DidResume)
-			}
-			return c, err
-		},
-	}
-	defer tr.CloseIdleConnections()
-	nodes := llorchv1connect.NewNodeServiceClient(&http.Client{Transport: tr}, n.url)
-	_, err := nodes.WhoAmI(context.Background(), connect.NewRequest(&llorchv1.WhoAmIRequest{}))
-	return client.Explain(err)
-}
-
 // After a restart an edge resumes its TLS session with the ticket the control
 // plane gave it before (the ticket keys are kept in the data directory), and
 // a resumed session is still authorized per request: removal applies.
@@ -597,7 +597,7 @@ func TestSessionResumptionAcrossRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	node := newResumingNode(res.Identity)
+	node := newTestNode(res.Identity, edgePresents)
 	if err := node.whoAmI(); err != nil {
 		t.Fatalf("first call: %v", err)
 	}
