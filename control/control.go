@@ -46,11 +46,20 @@ type Node struct {
 	StatusReason string
 }
 
-// StatusChange is one node's move to a new status.
+// StatusChange is one node's move to a new status, written with an event
+// that records From, Status and Reason.
 type StatusChange struct {
 	NodeID string
 	Status NodeStatus
 	Reason string
+	// Quiet writes the new status without an event: the node is flapping,
+	// and its moves are summed up by a later change with Coalesced set.
+	Quiet bool
+	// Coalesced, when above zero, makes this change the summary of that many
+	// quiet moves, starting from From: its event is recorded even when the
+	// node's status is already Status.
+	Coalesced int
+	From      NodeStatus
 }
 
 // JoinToken is the stored half of a join token: never the secret, only its hash.
@@ -91,20 +100,29 @@ type Event struct {
 	ID     int64
 	Time   time.Time
 	NodeID string // empty for events about no node (e.g. a token revoked)
-	Kind   string
+	Kind   EventKind
+	// From and To are set for EventStatus: the node's move.
+	From, To NodeStatus
+	// Reason says why, in words for people; programs read the other fields.
 	Reason string
+	// Coalesced counts the moves of a flapping node this EventStatus stands
+	// for (they were not recorded one by one); 0 for a single move.
+	Coalesced int
 }
+
+// EventKind says what an event records.
+type EventKind string
 
 // Event kinds.
 const (
-	EventTokenCreated = "token_created"
-	EventTokenRevoked = "token_revoked"
-	EventEnrolled     = "enrolled"
-	EventRenewed      = "certificate_renewed"
-	EventRemoved      = "removed"
-	EventStatus       = "status"
-	EventDrained      = "drained"
-	EventUndrained    = "undrained"
+	EventTokenCreated EventKind = "token_created"
+	EventTokenRevoked EventKind = "token_revoked"
+	EventEnrolled     EventKind = "enrolled"
+	EventRenewed      EventKind = "certificate_renewed"
+	EventRemoved      EventKind = "removed"
+	EventStatus       EventKind = "status"
+	EventDrained      EventKind = "drained"
+	EventUndrained    EventKind = "undrained"
 )
 
 // Sentinel errors. Callers test them with errors.Is.

@@ -328,7 +328,10 @@ func (s *Server) WatchEvents(ctx context.Context, req *connect.Request[llorchv1.
 }
 
 func eventToProto(e control.Event) *llorchv1.Event {
-	return &llorchv1.Event{Id: e.ID, Time: timestamp(e.Time), NodeId: e.NodeID, Kind: e.Kind, Reason: e.Reason}
+	return &llorchv1.Event{
+		Id: e.ID, Time: timestamp(e.Time), NodeId: e.NodeID, Kind: string(e.Kind), Reason: e.Reason,
+		From: statusToProto(e.From), To: statusToProto(e.To), Coalesced: int32(e.Coalesced),
+	}
 }
 
 // RenewNodeCertificate asks a connected node to renew now.

@@ -288,7 +288,7 @@ func newNodeEventsCmd() *cobra.Command {
 			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
 			fmt.Fprintln(w, "TIME\tNODE\tKIND\tREASON")
 			for _, e := range out {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", e.Time.Local().Format(time.RFC3339), dash(e.NodeID), e.Kind, e.Reason)
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", e.Time.Local().Format(time.RFC3339), dash(e.NodeID), e.Kind, e.what())
 			}
 			return w.Flush()
 		},
@@ -394,11 +394,34 @@ type eventJSON struct {
 	Time   time.Time `json:"time"`
 	NodeID string    `json:"node_id"`
 	Kind   string    `json:"kind"`
-	Reason string    `json:"reason"`
+	// From and To are a status event's move; empty for other kinds.
+	From      string `json:"from,omitempty"`
+	To        string `json:"to,omitempty"`
+	Reason    string `json:"reason"`
+	Coalesced int    `json:"coalesced,omitempty"`
 }
 
 func toEventJSON(e *llorchv1.Event) eventJSON {
-	return eventJSON{e.GetId(), e.GetTime().AsTime(), e.GetNodeId(), e.GetKind(), e.GetReason()}
+	out := eventJSON{ID: e.GetId(), Time: e.GetTime().AsTime(), NodeID: e.GetNodeId(), Kind: e.GetKind(), Reason: e.GetReason(), Coalesced: int(e.GetCoalesced())}
+	if e.GetTo() != llorchv1.NodeStatus_NODE_STATUS_UNSPECIFIED {
+		out.From, out.To = statusText(e.GetFrom()), statusText(e.GetTo())
+	}
+	return out
+}
+
+// what is an event's reason as a line shows it: a status event's move first.
+func (e eventJSON) what() string {
+	if e.To == "" {
+		return e.Reason
+	}
+	s := e.From + " -> " + e.To
+	if e.Coalesced > 0 {
+		s += fmt.Sprintf(" (%d moves coalesced)", e.Coalesced)
+	}
+	if e.Reason != "" {
+		s += ": " + e.Reason
+	}
+	return s
 }
 
 // followEvents prints events as they are recorded, one per line (JSON lines with --json).
@@ -418,7 +441,7 @@ func followEvents(cmd *cobra.Command, client llorchv1connect.AdminServiceClient,
 			}
 			continue
 		}
-		fmt.Fprintf(out, "%s  %-12s  %-20s  %s\n", e.Time.Local().Format(time.RFC3339), dash(e.NodeID), e.Kind, e.Reason)
+		fmt.Fprintf(out, "%s  %-12s  %-20s  %s\n", e.Time.Local().Format(time.RFC3339), dash(e.NodeID), e.Kind, e.what())
 	}
 	if cmd.Context().Err() != nil {
 		return nil

@@ -120,7 +120,9 @@ func (e *env) status(tb testing.TB, id string) control.NodeStatus {
 }
 
 // waitEvent polls the store until an event with the reason appears.
-func (e *env) waitEvent(tb testing.TB, id, reason string) {
+// waitEvent waits for a status event of node id whose move and reason,
+// written "<from> -> <to>: <reason>", contain move.
+func (e *env) waitEvent(tb testing.TB, id, move string) {
 	tb.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {
@@ -129,13 +131,13 @@ func (e *env) waitEvent(tb testing.TB, id, reason string) {
 			tb.Fatal(err)
 		}
 		for _, ev := range evs {
-			if strings.Contains(ev.Reason, reason) {
+			if ev.Kind == control.EventStatus && strings.Contains(fmt.Sprintf("%s -> %s: %s", ev.From, ev.To, ev.Reason), move) {
 				return
 			}
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	tb.Fatalf("no event %q for node %s", reason, id)
+	tb.Fatalf("no event %q for node %s", move, id)
 }
 
 // fakeStream is a session's stream: it records the commands the registry

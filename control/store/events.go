@@ -33,8 +33,9 @@ func addEventTx(ctx context.Context, tx *sql.Tx, e control.Event) (int64, error)
 	if e.Time.IsZero() || e.Kind == "" {
 		return 0, fmt.Errorf("event needs a time and a kind: %w", control.ErrInvalidArgument)
 	}
-	res, err := tx.ExecContext(ctx, `INSERT INTO events (time, node_id, kind, reason) VALUES (?, ?, ?, ?)`,
-		nanos(e.Time), sql.NullString{String: e.NodeID, Valid: e.NodeID != ""}, e.Kind, e.Reason)
+	res, err := tx.ExecContext(ctx, `INSERT INTO events (time, node_id, kind, from_status, to_status, reason, coalesced)
+		VALUES (?, ?, ?, ?, ?, ?, ?)`,
+		nanos(e.Time), sql.NullString{String: e.NodeID, Valid: e.NodeID != ""}, e.Kind, e.From, e.To, e.Reason, e.Coalesced)
 	if err != nil {
 		return 0, err
 	}
@@ -47,9 +48,9 @@ func (s *Store) ListEvents(ctx context.Context, nodeID string, limit int) ([]con
 	if limit <= 0 {
 		limit = 100
 	}
-	query, args := `SELECT id, time, node_id, kind, reason FROM events ORDER BY id DESC LIMIT ?`, []any{limit}
+	query, args := `SELECT `+eventColumns+` FROM events ORDER BY id DESC LIMIT ?`, []any{limit}
 	if nodeID != "" {
-		query, args = `SELECT id, time, node_id, kind, reason FROM events WHERE node_id = ? ORDER BY id DESC LIMIT ?`,
+		query, args = `SELECT `+eventColumns+` FROM events WHERE node_id = ? ORDER BY id DESC LIMIT ?`,
 			[]any{nodeID, limit}
 	}
 	es, err := s.queryEvents(ctx, query, args...)
@@ -66,9 +67,9 @@ func (s *Store) ListEventsAfter(ctx context.Context, nodeID string, afterID int6
 	if limit <= 0 {
 		limit = 100
 	}
-	query, args := `SELECT id, time, node_id, kind, reason FROM events WHERE id > ? ORDER BY id LIMIT ?`, []any{afterID, limit}
+	query, args := `SELECT `+eventColumns+` FROM events WHERE id > ? ORDER BY id LIMIT ?`, []any{afterID, limit}
 	if nodeID != "" {
-		query, args = `SELECT id, time, node_id, kind, reason FROM events WHERE node_id = ? AND id > ? ORDER BY id LIMIT ?`,
+		query, args = `SELECT `+eventColumns+` FROM events WHERE node_id = ? AND id > ? ORDER BY id LIMIT ?`,
 			[]any{nodeID, afterID, limit}
 	}
 	es, err := s.queryEvents(ctx, query, args...)
@@ -77,6 +78,8 @@ func (s *Store) ListEventsAfter(ctx context.Context, nodeID string, afterID int6
 	}
 	return es, nil
 }
+
+const eventColumns = `id, time, node_id, kind, from_status, to_status, reason, coalesced`
 
 func (s *Store) queryEvents(ctx context.Context, query string, args ...any) ([]control.Event, error) {
 	return queryAll(ctx, s, scanEvent, query, args...)
@@ -88,7 +91,7 @@ func scanEvent(row scanner) (control.Event, error) {
 		t    sql.NullInt64
 		node sql.NullString
 	)
-	if err := row.Scan(&e.ID, &t, &node, &e.Kind, &e.Reason); err != nil {
+	if err := row.Scan(&e.ID, &t, &node, &e.Kind, &e.From, &e.To, &e.Reason, &e.Coalesced); err != nil {
 		return control.Event{}, err
 	}
 	e.Time, e.NodeID = fromNanos(t), node.String

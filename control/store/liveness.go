@@ -17,7 +17,7 @@ import (
 func (s *Store) SetNodeStatuses(ctx context.Context, changes []control.StatusChange, now time.Time) error {
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		for _, c := range changes {
-			err := setNodeStatusTx(ctx, tx, c.NodeID, c.Status, c.Reason, now)
+			err := setNodeStatusTx(ctx, tx, c, now)
 			if err != nil && !isRemoved(err) {
 				return fmt.Errorf("node %s: %w", c.NodeID, err)
 			}

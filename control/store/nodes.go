@@ -215,39 +215,52 @@ func promoteSerialTx(ctx context.Context, tx *sql.Tx, nodeID, serial string) (co
 	return getNodeTx(ctx, tx, nodeID)
 }
 
-// SetNodeStatus sets the node's status and records an event of kind "status"
-// with reason "<old> -> <new>: <reason>"; setting the status it already has
-// records nothing. It refuses a removed node (control.ErrNodeRemoved) and
+// SetNodeStatus sets the node's status and records an event of kind
+// "status" with the move (From, To) and reason; setting the status it already
+// has records nothing. It refuses a removed node (control.ErrNodeRemoved) and
 // StatusRemoved or an unknown status (control.ErrInvalidArgument: removal goes
 // through RemoveNode). A missing node is control.ErrNotFound.
 func (s *Store) SetNodeStatus(ctx context.Context, id string, status control.NodeStatus, reason string, now time.Time) error {
-	err := s.write(ctx, func(tx *sql.Tx) error { return setNodeStatusTx(ctx, tx, id, status, reason, now) })
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		return setNodeStatusTx(ctx, tx, control.StatusChange{NodeID: id, Status: status, Reason: reason}, now)
+	})
 	if err != nil {
 		return fmt.Errorf("set node status: %w", err)
 	}
 	return nil
 }
 
-func setNodeStatusTx(ctx context.Context, tx *sql.Tx, id string, status control.NodeStatus, reason string, now time.Time) error {
-	switch status {
+// setNodeStatusTx applies one change: the status, and the event unless the
+// change is quiet. A summary of coalesced moves is recorded even when the
+// status is unchanged.
+func setNodeStatusTx(ctx context.Context, tx *sql.Tx, c control.StatusChange, now time.Time) error {
+	switch c.Status {
 	case control.StatusEnrolled, control.StatusOnline, control.StatusDisconnected, control.StatusOffline, control.StatusUnknown:
 	default:
-		return fmt.Errorf("status %q: %w", status, control.ErrInvalidArgument)
+		return fmt.Errorf("status %q: %w", c.Status, control.ErrInvalidArgument)
 	}
-	n, err := getNodeTx(ctx, tx, id)
+	n, err := getNodeTx(ctx, tx, c.NodeID)
 	switch {
 	case err != nil:
 		return err
 	case n.Status == control.StatusRemoved:
 		return control.ErrNodeRemoved
-	case n.Status == status:
+	case n.Status == c.Status && c.Coalesced == 0:
 		return nil
 	}
-	if _, err := tx.ExecContext(ctx, `UPDATE nodes SET status = ?, status_reason = ? WHERE id = ?`, status, reason, id); err != nil {
-		return err
+	if n.Status != c.Status {
+		if _, err := tx.ExecContext(ctx, `UPDATE nodes SET status = ?, status_reason = ? WHERE id = ?`, c.Status, c.Reason, c.NodeID); err != nil {
+			return err
+		}
 	}
-	_, err = addEventTx(ctx, tx, control.Event{Time: now, NodeID: id, Kind: control.EventStatus,
-		Reason: fmt.Sprintf("%s -> %s: %s", n.Status, status, reason)})
+	if c.Quiet {
+		return nil
+	}
+	e := control.Event{Time: now, NodeID: c.NodeID, Kind: control.EventStatus, From: n.Status, To: c.Status, Reason: c.Reason}
+	if c.Coalesced > 0 {
+		e.From, e.Coalesced = c.From, c.Coalesced
+	}
+	_, err = addEventTx(ctx, tx, e)
 	return err
 }
 

@@ -112,7 +112,7 @@ func mustListEvents(tb testing.TB, s *store.Store, nodeID string) []control.Even
 	return es
 }
 
-func countKind(es []control.Event, kind string) int {
+func countKind(es []control.Event, kind control.EventKind) int {
 	n := 0
 	for _, e := range es {
 		if e.Kind == kind {
@@ -245,6 +245,11 @@ func TestMigrations(t *testing.T) {
 			fmt.Sprintf(`INSERT INTO nodes (id, name, status, labels, token_id, cert_serial, cert_not_after, enrolled_at)
 				VALUES ('n-old', 'old node', 'online', '{}', 'old', 'aa', %d, %d)`,
 				t0.Add(24*time.Hour).UnixNano(), t0.UnixNano()),
+			fmt.Sprintf(`INSERT INTO events (time, node_id, kind, reason) VALUES
+				(%[1]d, 'n-old', 'enrolled', 'enrolled with token old'),
+				(%[1]d, 'n-old', 'status', 'enrolled -> online: registered'),
+				(%[1]d, 'n-old', 'status', 'online -> disconnected: session lost: read: connection reset'),
+				(%[1]d, 'n-old', 'status', 'disconnected -> offline')`, t0.UnixNano()),
 		} {
 			if _, err := db.Exec(q); err != nil {
 				t.Fatalf("%s: %v", q, err)
@@ -259,6 +264,25 @@ func TestMigrations(t *testing.T) {
 		n := mustGetNode(t, s, "n-old")
 		if n.Status != control.StatusOnline || n.TokenID != "old" || n.CertSerial != "aa" || !n.EnrolledAt.Equal(t0) {
 			t.Errorf("migrated node = %+v", n)
+		}
+		// Status events written as text by version 1 are taken apart.
+		type move struct {
+			kind     control.EventKind
+			from, to control.NodeStatus
+			reason   string
+		}
+		var moves []move
+		for _, e := range mustListEvents(t, s, "n-old") {
+			moves = append(moves, move{e.Kind, e.From, e.To, e.Reason})
+		}
+		want := []move{
+			{control.EventStatus, control.StatusDisconnected, control.StatusOffline, ""},
+			{control.EventStatus, control.StatusOnline, control.StatusDisconnected, "session lost: read: connection reset"},
+			{control.EventStatus, control.StatusEnrolled, control.StatusOnline, "registered"},
+			{control.EventEnrolled, "", "", "enrolled with token old"},
+		}
+		if !reflect.DeepEqual(moves, want) {
+			t.Errorf("migrated events:\n got %+v\nwant %+v", moves, want)
 		}
 		// The token's second use still works after the migration.
 		if err := s.EnrollNode(t.Context(), "old", hash("secret-old"), t0, newNode("n-new")); err != nil {
@@ -680,7 +704,8 @@ func TestSetNodeStatus(t *testing.T) {
 		t.Errorf("status = %q", n.Status)
 	}
 	es := mustListEvents(t, s, "n1")
-	if es[0].Kind != "status" || es[0].Reason != "enrolled -> online: heartbeat" || !es[0].Time.Equal(now) {
+	if e := es[0]; e.Kind != control.EventStatus || e.From != control.StatusEnrolled || e.To != control.StatusOnline ||
+		e.Reason != "heartbeat" || !e.Time.Equal(now) {
 		t.Errorf("newest event = %+v", es[0])
 	}
 	if err := s.SetNodeStatus(ctx, "n1", control.StatusOnline, "heartbeat", now); err != nil {

@@ -63,7 +63,11 @@ type Event struct {
 	Time   time.Time `json:"time"`
 	NodeID string    `json:"node_id"`
 	Kind   string    `json:"kind"`
-	Reason string    `json:"reason"`
+	// From and To are a status event's move.
+	From      string `json:"from"`
+	To        string `json:"to"`
+	Reason    string `json:"reason"`
+	Coalesced int    `json:"coalesced"`
 }
 
 // Token is a join token as `control token list --json` prints it.

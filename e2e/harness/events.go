@@ -6,31 +6,22 @@ import (
 	"math/rand/v2"
 	"os"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 )
 
-// StatusChange is a status event taken apart: its reason reads
-// "<from> -> <to>: <why>".
+// StatusChange is a status event: a node's move (Event.From, Event.To).
 type StatusChange struct {
 	Event
-	From, To, Why string
 }
 
 // StatusChanges picks the status events out of es.
 func StatusChanges(es []Event) []StatusChange {
 	var out []StatusChange
 	for _, e := range es {
-		if e.Kind != "status" {
-			continue
+		if e.Kind == "status" {
+			out = append(out, StatusChange{Event: e})
 		}
-		from, rest, ok := strings.Cut(e.Reason, " -> ")
-		if !ok {
-			continue
-		}
-		to, why, _ := strings.Cut(rest, ": ")
-		out = append(out, StatusChange{Event: e, From: from, To: to, Why: why})
 	}
 	return out
 }

@@ -11,19 +11,19 @@ func TestStatusChanges(t *testing.T) {
 	t0 := time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)
 	es := []Event{
 		{ID: 1, Time: t0, NodeID: "a", Kind: "enrolled", Reason: "token t1"},
-		{ID: 2, Time: t0, NodeID: "a", Kind: "status", Reason: "enrolled -> online: registered"},
-		{ID: 3, Time: t0, NodeID: "a", Kind: "status", Reason: "online -> offline: no heartbeat for 3s"},
-		{ID: 4, Time: t0, NodeID: "b", Kind: "status", Reason: "online -> offline: shutdown"},
-		{ID: 5, Time: t0, NodeID: "a", Kind: "status", Reason: "not a transition"},
+		{ID: 2, Time: t0, NodeID: "a", Kind: "status", From: "enrolled", To: "online", Reason: "registered"},
+		{ID: 3, Time: t0, NodeID: "a", Kind: "status", From: "online", To: "offline", Reason: "no heartbeat for 3s"},
+		{ID: 4, Time: t0, NodeID: "b", Kind: "status", From: "online", To: "offline", Reason: "shutdown"},
+		{ID: 5, Time: t0, NodeID: "a", Kind: "drained", Reason: "not a transition"},
 	}
 	cs := StatusChanges(After(es, 2))
 	if len(cs) != 2 {
 		t.Fatalf("got %d changes after event 2, want 2: %+v", len(cs), cs)
 	}
-	if c := cs[0]; c.NodeID != "a" || c.From != "online" || c.To != "offline" || c.Why != "no heartbeat for 3s" {
+	if c := cs[0]; c.NodeID != "a" || c.From != "online" || c.To != "offline" || c.Reason != "no heartbeat for 3s" {
 		t.Errorf("first change = %+v", c)
 	}
-	if c, ok := FirstTo(cs, "b", "offline"); !ok || c.Why != "shutdown" {
+	if c, ok := FirstTo(cs, "b", "offline"); !ok || c.Reason != "shutdown" {
 		t.Errorf("FirstTo(b, offline) = %+v, %v", c, ok)
 	}
 	if _, ok := FirstTo(cs, "b", "online"); ok {

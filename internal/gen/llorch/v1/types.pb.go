@@ -856,12 +856,21 @@ func (x *JoinToken) GetRevoked() bool {
 
 // Event is one recorded fact: an enrollment, a renewal, a revocation, a status change.
 type Event struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
-	Time          *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
-	NodeId        string                 `protobuf:"bytes,3,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	Kind          string                 `protobuf:"bytes,4,opt,name=kind,proto3" json:"kind,omitempty"`
-	Reason        string                 `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Id     int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Time   *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	NodeId string                 `protobuf:"bytes,3,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	// kind is one of token_created, token_revoked, enrolled,
+	// certificate_renewed, removed, status, drained, undrained.
+	Kind string `protobuf:"bytes,4,opt,name=kind,proto3" json:"kind,omitempty"`
+	// reason says why, for people; programs read the other fields.
+	Reason string `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	// from and to are set for status events: the node's move.
+	From NodeStatus `protobuf:"varint,6,opt,name=from,proto3,enum=llorch.v1.NodeStatus" json:"from,omitempty"`
+	To   NodeStatus `protobuf:"varint,7,opt,name=to,proto3,enum=llorch.v1.NodeStatus" json:"to,omitempty"`
+	// coalesced counts the moves of a flapping node that this status event
+	// stands for (they were not recorded one by one); 0 for a single move.
+	Coalesced     int32 `protobuf:"varint,8,opt,name=coalesced,proto3" json:"coalesced,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -929,6 +938,27 @@ func (x *Event) GetReason() string {
 		return x.Reason
 	}
 	return ""
+}
+
+func (x *Event) GetFrom() NodeStatus {
+	if x != nil {
+		return x.From
+	}
+	return NodeStatus_NODE_STATUS_UNSPECIFIED
+}
+
+func (x *Event) GetTo() NodeStatus {
+	if x != nil {
+		return x.To
+	}
+	return NodeStatus_NODE_STATUS_UNSPECIFIED
+}
+
+func (x *Event) GetCoalesced() int32 {
+	if x != nil {
+		return x.Coalesced
+	}
+	return 0
 }
 
 var File_llorch_v1_types_proto protoreflect.FileDescriptor
@@ -1016,13 +1046,16 @@ const file_llorch_v1_types_proto_rawDesc = "" +
 	"\arevoked\x18\b \x01(\bR\arevoked\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x8c\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xfc\x01\n" +
 	"\x05Event\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x03R\x02id\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x17\n" +
 	"\anode_id\x18\x03 \x01(\tR\x06nodeId\x12\x12\n" +
 	"\x04kind\x18\x04 \x01(\tR\x04kind\x12\x16\n" +
-	"\x06reason\x18\x05 \x01(\tR\x06reason*\xc4\x01\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\x12)\n" +
+	"\x04from\x18\x06 \x01(\x0e2\x15.llorch.v1.NodeStatusR\x04from\x12%\n" +
+	"\x02to\x18\a \x01(\x0e2\x15.llorch.v1.NodeStatusR\x02to\x12\x1c\n" +
+	"\tcoalesced\x18\b \x01(\x05R\tcoalesced*\xc4\x01\n" +
 	"\n" +
 	"NodeStatus\x12\x1b\n" +
 	"\x17NODE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n" +
@@ -1081,11 +1114,13 @@ var file_llorch_v1_types_proto_depIdxs = []int32{
 	12, // 12: llorch.v1.JoinToken.created_at:type_name -> google.protobuf.Timestamp
 	12, // 13: llorch.v1.JoinToken.expires_at:type_name -> google.protobuf.Timestamp
 	12, // 14: llorch.v1.Event.time:type_name -> google.protobuf.Timestamp
-	15, // [15:15] is the sub-list for method output_type
-	15, // [15:15] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	0,  // 15: llorch.v1.Event.from:type_name -> llorch.v1.NodeStatus
+	0,  // 16: llorch.v1.Event.to:type_name -> llorch.v1.NodeStatus
+	17, // [17:17] is the sub-list for method output_type
+	17, // [17:17] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_llorch_v1_types_proto_init() }

@@ -84,7 +84,7 @@ restart of the control plane.
 
 Usage:
   go tool task build
-  go run ./edge/cmd/edgesim --control-bin bin/control --edges 10000 --json edgesim.json
+  go run ./e2e/edgesim --control-bin bin/control --edges 10000 --json edgesim.json
 
 Flags:
 `)

@@ -436,7 +436,7 @@ func (s *Sim) countOfflineEvents(ctx context.Context, dataDir string, res *Resul
 		}
 		for _, e := range es {
 			after = e.ID
-			if e.Kind != control.EventStatus || !strings.Contains(e.Reason, "-> "+string(control.StatusOffline)) {
+			if e.Kind != control.EventStatus || e.To != control.StatusOffline {
 				continue
 			}
 			if e.Time.Before(runEnd) {
