@@ -245,6 +245,7 @@ func (s *Server) live(n control.Node) *llorchv1.Node {
 	out.System = v.System
 	if r := v.Report; r != nil {
 		out.GpuInventory, out.Pools, out.HandoffErrors = r.GetGpuInventory(), r.GetPools(), r.GetHandoffErrors()
+		out.DroppedReplicas, out.DroppedHandoffErrors = r.GetDroppedReplicas(), r.GetDroppedHandoffErrors()
 	}
 	return out
 }

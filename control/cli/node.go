@@ -43,6 +43,10 @@ type nodeJSON struct {
 	GPUUnavailable      string            `json:"gpu_unavailable"`
 	Pools               []poolJSON        `json:"pools"`
 	HandoffErrors       []handoffErrJSON  `json:"handoff_errors"`
+	// DroppedReplicas and DroppedHandoffErrors are what the edge found but
+	// left out of its report (it reports a bounded number of each).
+	DroppedReplicas      int `json:"dropped_replicas"`
+	DroppedHandoffErrors int `json:"dropped_handoff_errors"`
 }
 
 type systemJSON struct {
@@ -102,6 +106,7 @@ func toNodeJSON(n *llorchv1.Node) nodeJSON {
 		LastSeen: optTime(n.GetLastSeen()), Draining: n.GetDraining(), TokenID: n.GetTokenId(),
 		StatusReason: n.GetStatusReason(),
 		GPUs:         []gpuJSON{}, Pools: []poolJSON{}, HandoffErrors: []handoffErrJSON{},
+		DroppedReplicas: int(n.GetDroppedReplicas()), DroppedHandoffErrors: int(n.GetDroppedHandoffErrors()),
 	}
 	if sys := n.GetSystem(); sys != nil {
 		out.System = &systemJSON{sys.GetHostname(), sys.GetOs(), sys.GetArch(), sys.GetAgentVersion()}
@@ -344,8 +349,14 @@ func printNode(cmd *cobra.Command, n nodeJSON) error {
 		}
 		w.Flush()
 	}
+	if n.DroppedReplicas > 0 {
+		fmt.Fprintf(out, "dropped:      %d more replicas the edge found but did not report (it reports a bounded number)\n", n.DroppedReplicas)
+	}
 	for _, e := range n.HandoffErrors {
 		fmt.Fprintf(out, "handoff error: %s: %s\n", e.File, e.Reason)
+	}
+	if n.DroppedHandoffErrors > 0 {
+		fmt.Fprintf(out, "handoff errors: %d more not reported\n", n.DroppedHandoffErrors)
 	}
 	return nil
 }

@@ -337,9 +337,15 @@ type NodeStatusReport struct {
 	Pools         []*Pool                `protobuf:"bytes,2,rep,name=pools,proto3" json:"pools,omitempty"`
 	HandoffErrors []*HandoffError        `protobuf:"bytes,3,rep,name=handoff_errors,json=handoffErrors,proto3" json:"handoff_errors,omitempty"`
 	// Whether the edge considers itself draining.
-	Draining      bool `protobuf:"varint,4,opt,name=draining,proto3" json:"draining,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Draining bool `protobuf:"varint,4,opt,name=draining,proto3" json:"draining,omitempty"`
+	// Replicas the edge found but did not report: it reports at most a fixed
+	// number, so that a crowded engines directory cannot make a heartbeat
+	// larger than the control plane accepts.
+	DroppedReplicas int32 `protobuf:"varint,5,opt,name=dropped_replicas,json=droppedReplicas,proto3" json:"dropped_replicas,omitempty"`
+	// Handoff errors the edge did not report, for the same reason.
+	DroppedHandoffErrors int32 `protobuf:"varint,6,opt,name=dropped_handoff_errors,json=droppedHandoffErrors,proto3" json:"dropped_handoff_errors,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *NodeStatusReport) Reset() {
@@ -398,6 +404,20 @@ func (x *NodeStatusReport) GetDraining() bool {
 		return x.Draining
 	}
 	return false
+}
+
+func (x *NodeStatusReport) GetDroppedReplicas() int32 {
+	if x != nil {
+		return x.DroppedReplicas
+	}
+	return 0
+}
+
+func (x *NodeStatusReport) GetDroppedHandoffErrors() int32 {
+	if x != nil {
+		return x.DroppedHandoffErrors
+	}
+	return 0
 }
 
 type Heartbeat struct {
@@ -699,12 +719,14 @@ const file_llorch_v1_session_proto_rawDesc = "" +
 	"\amessage\"n\n" +
 	"\bRegister\x12-\n" +
 	"\x06system\x18\x01 \x01(\v2\x15.llorch.v1.NodeSystemR\x06system\x123\n" +
-	"\x06status\x18\x02 \x01(\v2\x1b.llorch.v1.NodeStatusReportR\x06status\"\xd3\x01\n" +
+	"\x06status\x18\x02 \x01(\v2\x1b.llorch.v1.NodeStatusReportR\x06status\"\xb4\x02\n" +
 	"\x10NodeStatusReport\x12<\n" +
 	"\rgpu_inventory\x18\x01 \x01(\v2\x17.llorch.v1.GpuInventoryR\fgpuInventory\x12%\n" +
 	"\x05pools\x18\x02 \x03(\v2\x0f.llorch.v1.PoolR\x05pools\x12>\n" +
 	"\x0ehandoff_errors\x18\x03 \x03(\v2\x17.llorch.v1.HandoffErrorR\rhandoffErrors\x12\x1a\n" +
-	"\bdraining\x18\x04 \x01(\bR\bdraining\"\x87\x01\n" +
+	"\bdraining\x18\x04 \x01(\bR\bdraining\x12)\n" +
+	"\x10dropped_replicas\x18\x05 \x01(\x05R\x0fdroppedReplicas\x124\n" +
+	"\x16dropped_handoff_errors\x18\x06 \x01(\x05R\x14droppedHandoffErrors\"\x87\x01\n" +
 	"\tHeartbeat\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x123\n" +
 	"\asent_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x06sentAt\x123\n" +

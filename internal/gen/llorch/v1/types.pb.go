@@ -111,9 +111,13 @@ type Node struct {
 	// Handoff files the edge could not read; its other pools are unaffected.
 	HandoffErrors []*HandoffError `protobuf:"bytes,15,rep,name=handoff_errors,json=handoffErrors,proto3" json:"handoff_errors,omitempty"`
 	// Why the node last changed status (e.g. "shutdown", "no heartbeat for 30s").
-	StatusReason  string `protobuf:"bytes,16,opt,name=status_reason,json=statusReason,proto3" json:"status_reason,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	StatusReason string `protobuf:"bytes,16,opt,name=status_reason,json=statusReason,proto3" json:"status_reason,omitempty"`
+	// Engine replicas and handoff errors the edge found but left out of its
+	// report (it reports a bounded number of each).
+	DroppedReplicas      int32 `protobuf:"varint,17,opt,name=dropped_replicas,json=droppedReplicas,proto3" json:"dropped_replicas,omitempty"`
+	DroppedHandoffErrors int32 `protobuf:"varint,18,opt,name=dropped_handoff_errors,json=droppedHandoffErrors,proto3" json:"dropped_handoff_errors,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *Node) Reset() {
@@ -256,6 +260,20 @@ func (x *Node) GetStatusReason() string {
 		return x.StatusReason
 	}
 	return ""
+}
+
+func (x *Node) GetDroppedReplicas() int32 {
+	if x != nil {
+		return x.DroppedReplicas
+	}
+	return 0
+}
+
+func (x *Node) GetDroppedHandoffErrors() int32 {
+	if x != nil {
+		return x.DroppedHandoffErrors
+	}
+	return 0
 }
 
 // NodeSystem describes the machine an edge runs on.
@@ -965,7 +983,7 @@ var File_llorch_v1_types_proto protoreflect.FileDescriptor
 
 const file_llorch_v1_types_proto_rawDesc = "" +
 	"\n" +
-	"\x15llorch/v1/types.proto\x12\tllorch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x06\n" +
+	"\x15llorch/v1/types.proto\x12\tllorch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xec\x06\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12-\n" +
@@ -984,7 +1002,9 @@ const file_llorch_v1_types_proto_rawDesc = "" +
 	"\rgpu_inventory\x18\r \x01(\v2\x17.llorch.v1.GpuInventoryR\fgpuInventory\x12%\n" +
 	"\x05pools\x18\x0e \x03(\v2\x0f.llorch.v1.PoolR\x05pools\x12>\n" +
 	"\x0ehandoff_errors\x18\x0f \x03(\v2\x17.llorch.v1.HandoffErrorR\rhandoffErrors\x12#\n" +
-	"\rstatus_reason\x18\x10 \x01(\tR\fstatusReason\x1a9\n" +
+	"\rstatus_reason\x18\x10 \x01(\tR\fstatusReason\x12)\n" +
+	"\x10dropped_replicas\x18\x11 \x01(\x05R\x0fdroppedReplicas\x124\n" +
+	"\x16dropped_handoff_errors\x18\x12 \x01(\x05R\x14droppedHandoffErrors\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"q\n" +
