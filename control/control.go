@@ -6,6 +6,7 @@ package control
 import (
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -125,7 +126,8 @@ const (
 	EventUndrained    EventKind = "undrained"
 )
 
-// Sentinel errors. Callers test them with errors.Is.
+// Sentinel errors. Callers test them with errors.Is; control/connecterr
+// turns them into wire codes, in one place.
 var (
 	ErrNotFound = errors.New("not found")
 
@@ -133,12 +135,57 @@ var (
 	ErrTokenUsed    = errors.New("join token has already been used")
 	ErrTokenExpired = errors.New("join token has expired")
 	ErrTokenRevoked = errors.New("join token has been revoked")
+	// ErrWrongCA: the token was made by another control plane (its CA
+	// fingerprint does not match this one's).
+	ErrWrongCA = errors.New("join token was made by another control plane (its CA fingerprint does not match this one)")
+	// ErrKeyEnrolled: the certificate request's public key already enrolled
+	// a node; every enrollment needs a fresh key.
+	ErrKeyEnrolled = errors.New("this public key has already enrolled a node: enroll with a fresh key")
 
-	ErrNodeRemoved      = errors.New("node has been removed and its certificate revoked")
-	ErrNotCurrentCert   = errors.New("certificate is not the node's current certificate")
+	ErrNodeRemoved    = errors.New("node has been removed and its certificate revoked")
+	ErrNotCurrentCert = errors.New("certificate is not the node's current certificate")
+	// ErrUnknownNode: a certificate or a request names a node this control
+	// plane does not know (or no longer has in its live fleet).
+	ErrUnknownNode = errors.New("node is not known to this control plane")
+	// ErrNoClientCert: a node procedure was called without a verified client certificate.
+	ErrNoClientCert = errors.New("node procedures need the node's client certificate (mutual TLS)")
+	// ErrCertExpired: the node's certificate has expired.
+	ErrCertExpired = errors.New("node certificate has expired")
+
+	// ErrNotConnected: the node has no session to push a command on.
+	ErrNotConnected = errors.New("node is not connected")
+	// ErrSessionReplaced: the node opened a newer session; this one is over.
+	ErrSessionReplaced = errors.New("session replaced by a newer one from the same node")
+	// ErrDisconnected: the control plane sent DISCONNECT (shutdown, removal).
+	ErrDisconnected = errors.New("disconnected by the control plane")
+	// ErrTooSlow: the edge did not take its commands.
+	ErrTooSlow = errors.New("session ended by the control plane: the edge is not taking its commands")
+
 	ErrInvalidArgument  = errors.New("invalid argument")
 	ErrSchemaTooNew     = errors.New("database schema is newer than this binary")
 	ErrStorageFull      = errors.New("the control plane's storage is full: free space on its data volume; nothing was written")
 	ErrPermissionDenied = errors.New("permission denied")
 	ErrUnauthenticated  = errors.New("unauthenticated")
+	// ErrTooLarge: a message was larger than the control plane accepts.
+	ErrTooLarge = errors.New("message too large")
+
+	// ErrBusy: the control plane is pacing work (edge registrations) or
+	// shutting down; a RetryLater says when to come back.
+	ErrBusy = errors.New("the control plane is busy")
+	// ErrRateLimited: the caller is over a rate limit; a RetryLater says
+	// when to come back.
+	ErrRateLimited = errors.New("rate limited")
 )
+
+// RetryLater is a refusal the caller may retry after After. Err says why
+// and wraps ErrBusy or ErrRateLimited.
+type RetryLater struct {
+	Err   error
+	After time.Duration
+}
+
+func (e *RetryLater) Error() string {
+	return fmt.Sprintf("%v; retry in %s", e.Err, e.After.Round(time.Millisecond))
+}
+
+func (e *RetryLater) Unwrap() error { return e.Err }

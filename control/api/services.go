@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"log/slog"
 	"time"
 
@@ -13,8 +14,10 @@ import (
 	"github.com/llorch/llorch/certs"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/control/authz"
+	"github.com/llorch/llorch/control/connecterr"
 	"github.com/llorch/llorch/control/enroll"
 	"github.com/llorch/llorch/control/metrics"
+	"github.com/llorch/llorch/control/ratelimit"
 	"github.com/llorch/llorch/control/registry"
 	"github.com/llorch/llorch/internal/clock"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
@@ -34,8 +37,16 @@ type Config struct {
 	Version    string
 	// RegisterTimeout is how long a new session may take to send Register; 0: 30s.
 	RegisterTimeout time.Duration
-	Clock           clock.Clock  // nil: the wall clock
-	Logger          *slog.Logger // nil: discard
+	// EnrollPerAddr limits enrollment attempts per source address; Failures
+	// counts refused join tokens per source address (the gate counts
+	// refused API tokens in the same buckets) and refuses an address that
+	// is over it; NodeSessions and NodeRenewals limit each node's session
+	// opens and renewals. nil: no limit.
+	EnrollPerAddr, Failures, NodeSessions, NodeRenewals *ratelimit.Keyed
+	// Refusals logs refused join tokens; nil: discard.
+	Refusals *ratelimit.Log
+	Clock    clock.Clock  // nil: the wall clock
+	Logger   *slog.Logger // nil: discard
 }
 
 // Server implements every llorch.v1 service.
@@ -57,10 +68,14 @@ func New(cfg Config) *Server {
 	if s.cfg.RegisterTimeout == 0 {
 		s.cfg.RegisterTimeout = DefaultRegisterTimeout
 	}
+	if s.cfg.Refusals == nil {
+		s.cfg.Refusals = ratelimit.NewLog(nil, ratelimit.Limit{}, s.clk)
+	}
 	return s
 }
 
-func (s *Server) fail(ctx context.Context, err error) error { return errorToConnect(ctx, s.log, err) }
+// fail returns err to the caller with its wire code.
+func (s *Server) fail(ctx context.Context, err error) error { return connecterr.Error(ctx, s.log, err) }
 
 // GetInfo is public.
 func (s *Server) GetInfo(context.Context, *connect.Request[llorchv1.GetInfoRequest]) (*connect.Response[llorchv1.GetInfoResponse], error) {
@@ -71,11 +86,26 @@ func (s *Server) GetInfo(context.Context, *connect.Request[llorchv1.GetInfoReque
 	}), nil
 }
 
-// Enroll is public: the join token is the credential.
+// Enroll is public: the join token is the credential. Attempts are limited
+// per source address, and an address whose join tokens were refused too
+// often is refused before its token is looked at.
 func (s *Server) Enroll(ctx context.Context, req *connect.Request[llorchv1.EnrollRequest]) (*connect.Response[llorchv1.EnrollResponse], error) {
+	c, _ := authz.CallerFrom(ctx)
+	if blocked, wait := s.cfg.Failures.Blocked(c.Addr); blocked {
+		return nil, s.fail(ctx, &control.RetryLater{Err: fmt.Errorf("%w: too many refused credentials from %s", control.ErrRateLimited, c.Addr), After: wait})
+	}
+	if ok, wait := s.cfg.EnrollPerAddr.Allow(c.Addr); !ok {
+		return nil, s.fail(ctx, &control.RetryLater{Err: fmt.Errorf("%w: too many enrollments from %s", control.ErrRateLimited, c.Addr), After: wait})
+	}
 	e, err := s.cfg.Enroll.Enroll(ctx, req.Msg.GetToken(), req.Msg.GetCsr(), req.Msg.GetHostname())
 	s.cfg.Metrics.Enrollment(err == nil)
 	if err != nil {
+		if guess, refused := tokenRefused(err); refused {
+			if guess {
+				s.cfg.Failures.Charge(c.Addr)
+			}
+			s.cfg.Refusals.Refused(ctx, "join token refused", "remote", c.Addr, "token_id", tokenID(req.Msg.GetToken()), "reason", err)
+		}
 		return nil, s.fail(ctx, err)
 	}
 	s.cfg.Registry.Enrolled(e.Node)
@@ -90,10 +120,37 @@ func (s *Server) Enroll(ctx context.Context, req *connect.Request[llorchv1.Enrol
 	}), nil
 }
 
+// tokenRefused says whether an enrollment failed on its join token, and
+// whether the token was a guess (malformed, another CA's, unknown or with
+// the wrong secret), which counts against the caller's address; a used,
+// expired or revoked token was a real one, and racing for one is normal.
+func tokenRefused(err error) (guess, refused bool) {
+	for _, e := range []error{certs.ErrMalformedToken, control.ErrWrongCA, control.ErrTokenUnknown} {
+		if errors.Is(err, e) {
+			return true, true
+		}
+	}
+	for _, e := range []error{control.ErrTokenUsed, control.ErrTokenExpired, control.ErrTokenRevoked} {
+		if errors.Is(err, e) {
+			return false, true
+		}
+	}
+	return false, false
+}
+
+// tokenID names a join token in logs: its ID, never its secret.
+func tokenID(token string) string {
+	t, err := certs.ParseJoinToken(token)
+	if err != nil {
+		return "(malformed)"
+	}
+	return t.ID
+}
+
 func (s *Server) nodeCaller(ctx context.Context) (authz.Caller, error) {
 	c, ok := authz.CallerFrom(ctx)
 	if !ok || c.Policy != authz.Node || c.NodeID == "" {
-		return authz.Caller{}, connect.NewError(connect.CodeUnauthenticated, errors.New("not a node"))
+		return authz.Caller{}, s.fail(ctx, control.ErrNoClientCert)
 	}
 	return c, nil
 }
@@ -119,6 +176,9 @@ func (s *Server) RenewCertificate(ctx context.Context, req *connect.Request[llor
 	c, err := s.nodeCaller(ctx)
 	if err != nil {
 		return nil, err
+	}
+	if ok, wait := s.cfg.NodeRenewals.Allow(c.NodeID); !ok {
+		return nil, s.fail(ctx, &control.RetryLater{Err: fmt.Errorf("%w: node %s renews too often", control.ErrRateLimited, c.NodeID), After: wait})
 	}
 	chain, err := s.cfg.Enroll.Renew(ctx, c.NodeID, c.CertSerial, req.Msg.GetCsr())
 	s.cfg.Metrics.Renewal(err == nil)

@@ -7,16 +7,15 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"strconv"
 	"sync"
 	"time"
 
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/control/registry"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
-	"github.com/llorch/llorch/internal/refusal"
 )
 
 // DefaultRegisterTimeout bounds the wait for an edge's first message.
@@ -112,10 +111,11 @@ func (s *Server) openSession(ctx context.Context, out *sessionStream) (*registry
 	if err != nil {
 		return nil, nil, err
 	}
+	if ok, wait := s.cfg.NodeSessions.Allow(c.NodeID); !ok {
+		return nil, nil, s.fail(ctx, &control.RetryLater{Err: fmt.Errorf("%w: node %s opens sessions too often", control.ErrRateLimited, c.NodeID), After: wait})
+	}
 	if ok, wait := s.cfg.Registry.Admit(); !ok {
-		cerr := connect.NewError(connect.CodeUnavailable, fmt.Errorf("too many sessions registering at once; retry in %s", wait.Round(time.Millisecond)))
-		cerr.Meta().Set(refusal.RetryAfterHeader, strconv.FormatInt(wait.Milliseconds(), 10))
-		return nil, nil, cerr
+		return nil, nil, s.fail(ctx, &control.RetryLater{Err: fmt.Errorf("%w: too many sessions registering at once", control.ErrBusy), After: wait})
 	}
 	// Deadlines on the stream run on the wall clock, as the HTTP/2 server does.
 	if err := out.ctl.SetReadDeadline(time.Now().Add(s.cfg.RegisterTimeout)); err != nil {
@@ -123,15 +123,15 @@ func (s *Server) openSession(ctx context.Context, out *sessionStream) (*registry
 	}
 	first, err := out.stream.Receive()
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		return nil, nil, connect.NewError(connect.CodeDeadlineExceeded, fmt.Errorf("no Register message within %s", s.cfg.RegisterTimeout))
+		return nil, nil, s.fail(ctx, fmt.Errorf("no Register message within %s: %w", s.cfg.RegisterTimeout, context.DeadlineExceeded))
 	}
 	if err != nil {
-		return nil, nil, nil
+		return nil, nil, receiveFailed(ctx, s, err)
 	}
 	out.ctl.SetReadDeadline(time.Time{})
 	reg := first.GetRegister()
 	if reg == nil {
-		return nil, nil, connect.NewError(connect.CodeInvalidArgument, errors.New("the first message of a session must be Register"))
+		return nil, nil, s.fail(ctx, fmt.Errorf("%w: the first message of a session must be Register", control.ErrInvalidArgument))
 	}
 	// Registered goes out before any command the registry pushes.
 	out.sendMu.Lock()
@@ -155,12 +155,12 @@ func (s *Server) serveSession(ctx context.Context, sess *registry.Session, out *
 		body.wait()
 		msg, err := out.stream.Receive()
 		if err != nil {
-			return endSession(sess, err)
+			return s.endSession(ctx, sess, err)
 		}
 		switch m := msg.GetMessage().(type) {
 		case *llorchv1.ConnectRequest_Heartbeat:
 			if err := sess.Heartbeat(m.Heartbeat.GetStatus()); err != nil {
-				return connect.NewError(connect.CodeAborted, err)
+				return s.fail(ctx, err)
 			}
 			ack := &llorchv1.HeartbeatAck{Seq: m.Heartbeat.GetSeq(), HeartbeatInterval: interval}
 			if err := out.send(&llorchv1.ConnectResponse{Message: &llorchv1.ConnectResponse_HeartbeatAck{HeartbeatAck: ack}}); err != nil {
@@ -177,26 +177,37 @@ func (s *Server) serveSession(ctx context.Context, sess *registry.Session, out *
 			return nil
 		default:
 			sess.Close(false, "protocol error")
-			return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("unexpected message %T after Register", m))
+			return s.fail(ctx, fmt.Errorf("%w: unexpected message %T after Register", control.ErrInvalidArgument, m))
 		}
 	}
 }
 
 // endSession closes a session whose stream failed with err, and says what
-// the edge is told: nothing more when the stream was lost or the control
-// plane disconnected it, why when the control plane ended it otherwise.
-func endSession(sess *registry.Session, err error) error {
+// the edge is told: why the control plane ended it; or, when the stream was
+// lost or the control plane disconnected it, nothing more, unless its
+// message was refused as too large (it should know).
+func (s *Server) endSession(ctx context.Context, sess *registry.Session, err error) error {
 	why := sess.Ended()
 	switch {
 	case why == nil:
 		sess.Close(false, "session lost: "+lostReason(err))
-		return nil
-	case errors.Is(why, registry.ErrDisconnected):
+		return receiveFailed(ctx, s, err)
+	case errors.Is(why, control.ErrDisconnected):
 		sess.Close(false, why.Error())
 		return nil
 	}
 	sess.Close(false, why.Error())
-	return connect.NewError(connect.CodeAborted, why)
+	return s.fail(ctx, why)
+}
+
+// receiveFailed is what the edge is told when receiving its next message
+// failed: that it was too large (Connect's read limit), or nothing (the
+// stream is gone).
+func receiveFailed(ctx context.Context, s *Server, err error) error {
+	if connect.CodeOf(err) == connect.CodeResourceExhausted {
+		return s.fail(ctx, err)
+	}
+	return nil
 }
 
 // sessionStream is the registry's handle on a session's stream. Commands are

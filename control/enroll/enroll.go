@@ -156,9 +156,6 @@ func (s *Service) CreateToken(ctx context.Context, opts TokenOptions) (control.J
 	return t, jt.String(), nil
 }
 
-// ErrWrongCA says a token was made by another control plane.
-var ErrWrongCA = errors.New("join token was made by another control plane (its CA fingerprint does not match this one)")
-
 // Enrollment is the outcome of a successful Enroll.
 type Enrollment struct {
 	Node  control.Node
@@ -174,7 +171,7 @@ func (s *Service) Enroll(ctx context.Context, token string, csrDER []byte, hostn
 		return Enrollment{}, err
 	}
 	if jt.Fingerprint != s.signer.Fingerprint() {
-		return Enrollment{}, ErrWrongCA
+		return Enrollment{}, control.ErrWrongCA
 	}
 	now := s.clock.Now()
 	// A read first, so a bad token costs no signature; the claim in
@@ -187,7 +184,6 @@ func (s *Service) Enroll(ctx context.Context, token string, csrDER []byte, hostn
 		return Enrollment{}, fmt.Errorf("enroll: %w", err)
 	}
 	if err := stored.Claimable(jt.SecretHash(), now); err != nil {
-		s.log.InfoContext(ctx, "enrollment refused", "token_id", jt.ID, "reason", err)
 		return Enrollment{}, err
 	}
 	csr, err := certs.ParseNodeCSR(csrDER)
@@ -214,7 +210,6 @@ func (s *Service) Enroll(ctx context.Context, token string, csrDER []byte, hostn
 		EnrolledAt:   now,
 	}
 	if err := s.store.EnrollNode(ctx, jt.ID, jt.SecretHash(), now, node); err != nil {
-		s.log.InfoContext(ctx, "enrollment refused", "token_id", jt.ID, "reason", err)
 		return Enrollment{}, err
 	}
 	s.log.InfoContext(ctx, "node enrolled", "node_id", node.ID, "name", node.Name, "token_id", jt.ID, "serial", node.CertSerial)

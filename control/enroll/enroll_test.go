@@ -127,7 +127,7 @@ func TestEnrollRefusesBeforeSigning(t *testing.T) {
 		csr   []byte
 		want  error
 	}{
-		{"another CA", other.String(), newCSR(t), enroll.ErrWrongCA},
+		{"another CA", other.String(), newCSR(t), control.ErrWrongCA},
 		{"unknown", unknown.String(), newCSR(t), control.ErrTokenUnknown},
 		{"malformed", "llorch1.x", newCSR(t), certs.ErrMalformedToken},
 		{"bad CSR", good, []byte("nope"), certs.ErrInvalidCSR},

@@ -14,7 +14,6 @@ package registry
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -425,14 +424,6 @@ func (r *Registry) countByStatus() map[string]int {
 	return counts
 }
 
-// Errors for operations on nodes.
-var (
-	// ErrUnknownNode: no such node, or it was removed.
-	ErrUnknownNode = errors.New("node is not registered")
-	// ErrNotConnected: the node has no session to push a command on.
-	ErrNotConnected = errors.New("node is not connected")
-)
-
 // Node returns the live view of one node.
 func (r *Registry) Node(id string) (View, bool) {
 	r.mu.Lock()
@@ -528,10 +519,10 @@ func (r *Registry) RenewNow(id string) error {
 	defer r.mu.Unlock()
 	e, ok := r.nodes[id]
 	if !ok {
-		return fmt.Errorf("node %s: %w", id, ErrUnknownNode)
+		return fmt.Errorf("node %s: %w", id, control.ErrUnknownNode)
 	}
 	if e.session == nil {
-		return fmt.Errorf("node %s: %w", id, ErrNotConnected)
+		return fmt.Errorf("node %s: %w", id, control.ErrNotConnected)
 	}
 	e.session.send(&llorchv1.Command{Kind: llorchv1.CommandKind_COMMAND_KIND_RENEW_NOW, Reason: "requested by operator"})
 	return nil

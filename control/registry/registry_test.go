@@ -353,13 +353,13 @@ func TestDrainAndRemove(t *testing.T) {
 		t.Fatalf("command %v, want DISCONNECT", cmd)
 	}
 	s.stream.waitEnded(t)
-	if why := s.Ended(); !errors.Is(why, registry.ErrDisconnected) {
+	if why := s.Ended(); !errors.Is(why, control.ErrDisconnected) {
 		t.Fatalf("Ended() = %v, want ErrDisconnected", why)
 	}
 	if _, ok := e.reg.Node("n1"); ok {
 		t.Fatal("removed node still in the registry")
 	}
-	if _, _, err := e.reg.Connect("n1", nil, nil, newFakeStream()); !errors.Is(err, registry.ErrUnknownNode) {
+	if _, _, err := e.reg.Connect("n1", nil, nil, newFakeStream()); !errors.Is(err, control.ErrUnknownNode) {
 		t.Fatalf("connect after removal: %v, want ErrUnknownNode", err)
 	}
 }
@@ -432,7 +432,7 @@ func TestStuckEdgeIsEnded(t *testing.T) {
 		}
 	}
 	s.stream.waitEnded(t)
-	if why := s.Ended(); !errors.Is(why, registry.ErrTooSlow) {
+	if why := s.Ended(); !errors.Is(why, control.ErrTooSlow) {
 		t.Fatalf("Ended() = %v, want ErrTooSlow", why)
 	}
 }
@@ -442,10 +442,10 @@ func TestNewestSessionWins(t *testing.T) {
 	old := connect(t, e.reg, "n1")
 	cur := connect(t, e.reg, "n1")
 	old.stream.waitEnded(t)
-	if why := old.Ended(); !errors.Is(why, registry.ErrSessionReplaced) {
+	if why := old.Ended(); !errors.Is(why, control.ErrSessionReplaced) {
 		t.Fatalf("Ended() = %v, want ErrSessionReplaced", why)
 	}
-	if err := old.Heartbeat(nil); !errors.Is(err, registry.ErrSessionReplaced) {
+	if err := old.Heartbeat(nil); !errors.Is(err, control.ErrSessionReplaced) {
 		t.Fatalf("heartbeat on the replaced session: %v", err)
 	}
 	old.Close(false, "late close of the old session")

@@ -1,7 +1,6 @@
 package registry
 
 import (
-	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -10,16 +9,6 @@ import (
 
 	"github.com/llorch/llorch/control"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
-)
-
-// Why the control plane ends a session. Session.Ended wraps one of them.
-var (
-	// ErrSessionReplaced: the node opened a newer session; this one is over.
-	ErrSessionReplaced = errors.New("session replaced by a newer one from the same node")
-	// ErrDisconnected: the control plane sent DISCONNECT (shutdown, removal).
-	ErrDisconnected = errors.New("disconnected by the control plane")
-	// ErrTooSlow: the edge did not take its commands.
-	ErrTooSlow = errors.New("session ended by the control plane: the edge is not taking its commands")
 )
 
 // maxQueuedCommands bounds the commands waiting for one edge; a session
@@ -70,11 +59,11 @@ func (r *Registry) Connect(nodeID string, system *llorchv1.NodeSystem, report *l
 	defer r.mu.Unlock()
 	e, ok := r.nodes[nodeID]
 	if !ok {
-		return nil, nil, fmt.Errorf("node %s: %w", nodeID, ErrUnknownNode)
+		return nil, nil, fmt.Errorf("node %s: %w", nodeID, control.ErrUnknownNode)
 	}
 	reason := "registered"
 	if old := e.session; old != nil {
-		old.end(ErrSessionReplaced)
+		old.end(control.ErrSessionReplaced)
 		reason = "reconnected (replacing its previous session)"
 	} else {
 		r.metrics.SessionOpened()
@@ -94,7 +83,7 @@ func (r *Registry) Connect(nodeID string, system *llorchv1.NodeSystem, report *l
 func (s *Session) NodeID() string { return s.nodeID }
 
 // Ended says why the control plane ended the session (wrapping
-// ErrSessionReplaced, ErrDisconnected or ErrTooSlow); nil if it did not.
+// control.ErrSessionReplaced, control.ErrDisconnected or control.ErrTooSlow); nil if it did not.
 func (s *Session) Ended() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -110,7 +99,7 @@ func (s *Session) send(c *llorchv1.Command) {
 	}
 	if len(s.queue) >= maxQueuedCommands {
 		s.r.log.Warn("session not taking its commands; closing it", "node_id", s.nodeID)
-		s.endLocked(ErrTooSlow)
+		s.endLocked(control.ErrTooSlow)
 		return
 	}
 	s.queue = append(s.queue, c)
@@ -138,7 +127,7 @@ func (s *Session) push() {
 			continue
 		}
 		if c.GetKind() == llorchv1.CommandKind_COMMAND_KIND_DISCONNECT {
-			s.end(fmt.Errorf("%w: %s", ErrDisconnected, c.GetReason()))
+			s.end(fmt.Errorf("%w: %s", control.ErrDisconnected, c.GetReason()))
 		}
 	}
 }
@@ -166,7 +155,7 @@ func (s *Session) Heartbeat(report *llorchv1.NodeStatusReport) error {
 	defer r.mu.Unlock()
 	e, ok := r.nodes[s.nodeID]
 	if !ok || e.session != s {
-		return ErrSessionReplaced
+		return control.ErrSessionReplaced
 	}
 	e.lastBeat, e.dirty = now, true
 	if report != nil {

@@ -50,6 +50,14 @@ type Config struct {
 	// RegisterTimeout is how long a new edge session may take to send its
 	// Register message before it is cut off; 0: 30s.
 	RegisterTimeout time.Duration
+	// Limits bound what callers can make the control plane hold and do
+	// (connections, rate limits, timeouts); DefaultConfig sets DefaultLimits.
+	Limits Limits
+	// EventRetention and MaxEvents bound the event log: events older than
+	// the retention, and the oldest beyond the count, are deleted
+	// (DefaultEventRetention, DefaultMaxEvents when zero).
+	EventRetention time.Duration
+	MaxEvents      int
 	// TuneGC lets the control plane set the garbage collector's target: lean
 	// while the fleet is steady, Go's default while edges connect in numbers
 	// (gc.go). The target is the whole process's, so the commands set this
@@ -70,6 +78,9 @@ func DefaultConfig() Config {
 		OfflineAfter:      registry.DefaultOfflineAfter,
 		RegistrationRate:  registry.DefaultRegistrationRate,
 		RegistrationBurst: registry.DefaultRegistrationBurst,
+		Limits:            DefaultLimits(),
+		EventRetention:    DefaultEventRetention,
+		MaxEvents:         DefaultMaxEvents,
 	}
 }
 
@@ -100,8 +111,16 @@ func (c Config) Validate() error {
 	if c.RegistrationRate < 0 || c.RegistrationBurst < 0 {
 		return errors.New("registration rate and burst must not be negative")
 	}
-	if c.APIToken != "" && len(c.APIToken) < 16 {
-		return errors.New("LLORCH_API_TOKEN is too short: use at least 16 random characters (e.g. openssl rand -hex 32)")
+	if err := c.Limits.Validate(); err != nil {
+		return err
+	}
+	if c.EventRetention < 0 || c.MaxEvents < 0 {
+		return errors.New("event retention and the maximum number of events must not be negative")
+	}
+	if c.APIToken != "" {
+		if err := CheckAPIToken(c.APIToken); err != nil {
+			return err
+		}
 	}
 	if c.AdvertiseURL != "" {
 		u, err := url.Parse(c.AdvertiseURL)

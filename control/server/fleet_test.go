@@ -340,7 +340,7 @@ func TestRenewNowCommand(t *testing.T) {
 }
 
 func TestWatchEventsOverGRPCWeb(t *testing.T) {
-	const token = "0123456789abcdef0123456789abcdef"
+	const token = testAPIToken
 	srv := servertest.Start(t, func(c *server.Config) { fastFleet(c); c.APIToken = token })
 	roots := x509.NewCertPool()
 	roots.AddCert(srv.Root())
@@ -369,7 +369,7 @@ func TestWatchEventsOverGRPCWeb(t *testing.T) {
 }
 
 func TestMetrics(t *testing.T) {
-	const token = "0123456789abcdef0123456789abcdef"
+	const token = testAPIToken
 	srv := servertest.Start(t, func(c *server.Config) { fastFleet(c); c.APIToken = token })
 	e := newEdge(t, srv, "measured", twoGPUs, "")
 	waitNode(t, srv, e.id, 2*testInterval, "online", is(llorchv1.NodeStatus_NODE_STATUS_ONLINE))

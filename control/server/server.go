@@ -32,6 +32,7 @@ import (
 	"github.com/llorch/llorch/control/enroll"
 	"github.com/llorch/llorch/control/metrics"
 	"github.com/llorch/llorch/control/pki"
+	"github.com/llorch/llorch/control/ratelimit"
 	"github.com/llorch/llorch/control/registry"
 	"github.com/llorch/llorch/control/store"
 	"github.com/llorch/llorch/internal/clock"
@@ -61,6 +62,9 @@ type Server struct {
 	local    net.Listener
 	port     *publicPort
 	localSrv *http.Server
+	limits   Limits           // the configured limits with their defaults filled in
+	failures *ratelimit.Keyed // refused credentials per source address
+	refusals *ratelimit.Log   // refused credentials and connections, logged without flooding
 }
 
 // New opens the data directory (creating the store and the CA on first
@@ -79,6 +83,17 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		cfg.NodeCertLifetime = DefaultNodeCertLifetime
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger}
+	var warning string
+	heartbeat := cfg.HeartbeatInterval
+	if heartbeat == 0 {
+		heartbeat = registry.DefaultHeartbeatInterval
+	}
+	s.limits, warning = cfg.Limits.withDefaults(heartbeat)
+	if warning != "" {
+		s.log.Warn(warning)
+	}
+	s.failures = ratelimit.NewKeyed(s.limits.AuthFailures, 0, cfg.Clock)
+	s.refusals = ratelimit.NewLog(cfg.Logger.With("component", "security"), ratelimit.Limit{}, cfg.Clock)
 	if err := s.open(ctx); err != nil {
 		s.Close()
 		return nil, err
@@ -132,8 +147,21 @@ func (s *Server) open(ctx context.Context) (err error) {
 		return err
 	}
 	handler := s.handler()
+	gate := func(local bool, routes authz.Routes) *authz.Gate {
+		return authz.New(authz.Config{
+			Routes:      routes,
+			TrustDomain: s.ca.TrustDomain(),
+			Nodes:       s.store,
+			APIToken:    cfg.APIToken,
+			Local:       local,
+			Failures:    s.failures,
+			Refusals:    s.refusals,
+			Clock:       cfg.Clock,
+			Logger:      cfg.Logger.With("component", "authz"),
+		})
+	}
 	publicSrv := &http.Server{
-		Handler:           authz.Middleware(handler, false),
+		Handler:           gate(false, Routes()).Handler(handler),
 		TLSConfig:         certs.ServerTLSConfig(s.ca.GetCertificate, s.ca.ClientCAs()),
 		ReadHeaderTimeout: 10 * time.Second,
 		MaxHeaderBytes:    64 << 10,
@@ -151,7 +179,7 @@ func (s *Server) open(ctx context.Context) (err error) {
 	}
 	s.port.tls.SetSessionTicketKeys(s.ca.TicketKeys(ctx))
 	s.localSrv = &http.Server{
-		Handler:           localHandler(authz.Middleware(handler, true)),
+		Handler:           gate(true, socketRoutes()).Handler(localHandler(handler)),
 		ReadHeaderTimeout: 10 * time.Second,
 		Protocols:         unencryptedProtocols(),
 	}
@@ -159,9 +187,9 @@ func (s *Server) open(ctx context.Context) (err error) {
 }
 
 // localHandler adds Go's profiler under /debug/pprof/ to what the admin
-// socket serves. Only the socket has it: its file mode is the credential, and
-// profiles are for whoever operates the process (memory per session is
-// measured this way, see docs/BENCHMARKS.md).
+// socket serves. Only the socket has it (socketRoutes): its file mode is the
+// credential, and profiles are for whoever operates the process (memory per
+// session is measured this way, see docs/BENCHMARKS.md).
 func localHandler(api http.Handler) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
@@ -180,6 +208,9 @@ func unencryptedProtocols() *http.Protocols {
 	return &p
 }
 
+// handler returns the mux of everything the control plane serves (the
+// socket adds the profiler to it), and the gate's table of routes, built
+// side by side.
 func (s *Server) handler() http.Handler {
 	cfg := s.cfg
 	enrollSvc := enroll.New(enroll.Config{Store: s.store, Signer: s.ca, Clock: cfg.Clock, Logger: cfg.Logger.With("component", "enroll")})
@@ -194,19 +225,15 @@ func (s *Server) handler() http.Handler {
 		ControlURL:      cfg.advertiseURL(s.public.Addr()),
 		Version:         cfg.Version,
 		RegisterTimeout: cfg.RegisterTimeout,
+		EnrollPerAddr:   ratelimit.NewKeyed(s.limits.Enroll, 0, cfg.Clock),
+		Failures:        s.failures,
+		NodeSessions:    ratelimit.NewKeyed(s.limits.NodeSessions, 0, cfg.Clock),
+		NodeRenewals:    ratelimit.NewKeyed(s.limits.NodeRenewals, 0, cfg.Clock),
+		Refusals:        s.refusals,
 		Clock:           cfg.Clock,
 		Logger:          cfg.Logger.With("component", "api"),
 	})
-	interceptor := authz.NewInterceptor(authz.Config{
-		Policies:    Policies(),
-		TrustDomain: s.ca.TrustDomain(),
-		Nodes:       s.store,
-		APIToken:    cfg.APIToken,
-		Clock:       cfg.Clock,
-		Logger:      cfg.Logger.With("component", "authz"),
-	})
 	opts := []connect.HandlerOption{
-		connect.WithInterceptors(interceptor),
 		connect.WithReadMaxBytes(MaxMessageBytes),
 		connect.WithSendMaxBytes(4 * MaxMessageBytes),
 		connect.WithCompressMinBytes(CompressMinBytes),
@@ -218,18 +245,11 @@ func (s *Server) handler() http.Handler {
 	mux.Handle(llorchv1connect.NewInfoServiceHandler(handlers, opts...))
 	sessionPath, sessionHandler := llorchv1connect.NewSessionServiceHandler(handlers, opts...)
 	mux.Handle(sessionPath, api.SessionHTTP(sessionHandler))
-	mux.Handle("/metrics", authz.AdminHTTP(promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{}), cfg.APIToken))
-	services := []string{
-		llorchv1connect.SessionServiceName,
-		llorchv1connect.EnrollServiceName,
-		llorchv1connect.NodeServiceName,
-		llorchv1connect.AdminServiceName,
-		llorchv1connect.InfoServiceName,
-	}
-	mux.Handle(grpchealth.NewHandler(grpchealth.NewStaticChecker(services...)))
-	reflector := grpcreflect.NewStaticReflector(services...)
-	mux.Handle(grpcreflect.NewHandlerV1(reflector))
-	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector))
+	mux.Handle(MetricsPath, promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{}))
+	mux.Handle(grpchealth.NewHandler(grpchealth.NewStaticChecker(llorchServices...), opts...))
+	reflector := grpcreflect.NewStaticReflector(llorchServices...)
+	mux.Handle(grpcreflect.NewHandlerV1(reflector, opts...))
+	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector, opts...))
 	if len(cfg.CORSOrigins) == 0 {
 		return mux
 	}
@@ -242,26 +262,53 @@ func (s *Server) handler() http.Handler {
 	}).Handler(mux)
 }
 
-// Policies says who may call each procedure. A procedure not listed is refused.
-func Policies() map[string]authz.Policy {
-	return map[string]authz.Policy{
-		llorchv1connect.EnrollServiceEnrollProcedure:              authz.Public,
-		llorchv1connect.InfoServiceGetInfoProcedure:               authz.Public,
-		llorchv1connect.NodeServiceWhoAmIProcedure:                authz.Node,
-		llorchv1connect.NodeServiceRenewCertificateProcedure:      authz.Node,
-		llorchv1connect.AdminServiceCreateJoinTokenProcedure:      authz.Admin,
-		llorchv1connect.AdminServiceListJoinTokensProcedure:       authz.Admin,
-		llorchv1connect.AdminServiceRevokeJoinTokenProcedure:      authz.Admin,
-		llorchv1connect.AdminServiceListNodesProcedure:            authz.Admin,
-		llorchv1connect.AdminServiceGetNodeProcedure:              authz.Admin,
-		llorchv1connect.AdminServiceRemoveNodeProcedure:           authz.Admin,
-		llorchv1connect.AdminServiceListEventsProcedure:           authz.Admin,
-		llorchv1connect.AdminServiceDrainNodeProcedure:            authz.Admin,
-		llorchv1connect.AdminServiceUndrainNodeProcedure:          authz.Admin,
-		llorchv1connect.AdminServiceRenewNodeCertificateProcedure: authz.Admin,
-		llorchv1connect.AdminServiceWatchEventsProcedure:          authz.Admin,
-		llorchv1connect.SessionServiceConnectProcedure:            authz.Node,
+// llorchServices are the services of schema/, as health and reflection name them.
+var llorchServices = []string{
+	llorchv1connect.SessionServiceName,
+	llorchv1connect.EnrollServiceName,
+	llorchv1connect.NodeServiceName,
+	llorchv1connect.AdminServiceName,
+	llorchv1connect.InfoServiceName,
+}
+
+// MetricsPath is where Prometheus metrics are served.
+const MetricsPath = "/metrics"
+
+// Routes is the gate's table for the public port: every procedure and path
+// that is served, with who may call it. A path not listed is refused.
+func Routes() authz.Routes {
+	rpc := func(p authz.Policy) authz.Route { return authz.Route{Policy: p} }
+	return authz.Routes{
+		llorchv1connect.EnrollServiceEnrollProcedure:                     rpc(authz.Public),
+		llorchv1connect.InfoServiceGetInfoProcedure:                      rpc(authz.Public),
+		llorchv1connect.NodeServiceWhoAmIProcedure:                       rpc(authz.Node),
+		llorchv1connect.NodeServiceRenewCertificateProcedure:             rpc(authz.Node),
+		llorchv1connect.SessionServiceConnectProcedure:                   rpc(authz.Node),
+		llorchv1connect.AdminServiceCreateJoinTokenProcedure:             rpc(authz.Admin),
+		llorchv1connect.AdminServiceListJoinTokensProcedure:              rpc(authz.Admin),
+		llorchv1connect.AdminServiceRevokeJoinTokenProcedure:             rpc(authz.Admin),
+		llorchv1connect.AdminServiceListNodesProcedure:                   rpc(authz.Admin),
+		llorchv1connect.AdminServiceGetNodeProcedure:                     rpc(authz.Admin),
+		llorchv1connect.AdminServiceRemoveNodeProcedure:                  rpc(authz.Admin),
+		llorchv1connect.AdminServiceListEventsProcedure:                  rpc(authz.Admin),
+		llorchv1connect.AdminServiceDrainNodeProcedure:                   rpc(authz.Admin),
+		llorchv1connect.AdminServiceUndrainNodeProcedure:                 rpc(authz.Admin),
+		llorchv1connect.AdminServiceRenewNodeCertificateProcedure:        rpc(authz.Admin),
+		llorchv1connect.AdminServiceWatchEventsProcedure:                 rpc(authz.Admin),
+		"/grpc.health.v1.Health/Check":                                   rpc(authz.Public),
+		"/grpc.health.v1.Health/Watch":                                   rpc(authz.Public),
+		"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      rpc(authz.Public),
+		"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": rpc(authz.Public),
+		MetricsPath: {Policy: authz.Admin, HTTP: true},
 	}
+}
+
+// socketRoutes is the admin socket's table: the public port's, and Go's
+// profiler (for whoever operates the process; never on the public port).
+func socketRoutes() authz.Routes {
+	rs := Routes()
+	rs["/debug/pprof/"] = authz.Route{Policy: authz.Admin, HTTP: true}
+	return rs
 }
 
 // Addr is the public port's bound address.

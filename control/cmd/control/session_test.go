@@ -188,7 +188,7 @@ func TestDev(t *testing.T) {
 
 // Remote admin: --server with the CA fingerprint pinned and the API token.
 func TestRemoteAdmin(t *testing.T) {
-	const token = "0123456789abcdef0123456789abcdef"
+	const token = "b1e3c7a90d5f42e6a8c19d07f3b5e2a4"
 	data := filepath.Join(t.TempDir(), "data")
 	cmd := exec.Command(filepath.Join(bin, "control"), "serve", "--data", data, "--listen", "127.0.0.1:0")
 	cmd.Env = append(os.Environ(), "LLORCH_API_TOKEN="+token)

@@ -39,6 +39,7 @@ func Start(tb testing.TB, edit func(*server.Config)) *Server {
 	cfg := server.DefaultConfig()
 	cfg.DataDir = tb.TempDir()
 	cfg.Listen = "127.0.0.1:0"
+	cfg.Limits.MaxConns = 1000 // under this machine's file limit, so the start does not warn
 	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{tb}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	if edit != nil {
 		edit(&cfg)
