@@ -92,9 +92,11 @@ func (s *Server) GetInfo(context.Context, *connect.Request[llorchv1.GetInfoReque
 func (s *Server) Enroll(ctx context.Context, req *connect.Request[llorchv1.EnrollRequest]) (*connect.Response[llorchv1.EnrollResponse], error) {
 	c, _ := authz.CallerFrom(ctx)
 	if blocked, wait := s.cfg.Failures.Blocked(c.Addr); blocked {
+		s.cfg.Metrics.Limited("credentials")
 		return nil, s.fail(ctx, &control.RetryLater{Err: fmt.Errorf("%w: too many refused credentials from %s", control.ErrRateLimited, c.Addr), After: wait})
 	}
 	if ok, wait := s.cfg.EnrollPerAddr.Allow(c.Addr); !ok {
+		s.cfg.Metrics.Limited("enroll")
 		return nil, s.fail(ctx, &control.RetryLater{Err: fmt.Errorf("%w: too many enrollments from %s", control.ErrRateLimited, c.Addr), After: wait})
 	}
 	e, err := s.cfg.Enroll.Enroll(ctx, req.Msg.GetToken(), req.Msg.GetCsr(), req.Msg.GetHostname())
@@ -178,6 +180,7 @@ func (s *Server) RenewCertificate(ctx context.Context, req *connect.Request[llor
 		return nil, err
 	}
 	if ok, wait := s.cfg.NodeRenewals.Allow(c.NodeID); !ok {
+		s.cfg.Metrics.Limited("node_renewals")
 		return nil, s.fail(ctx, &control.RetryLater{Err: fmt.Errorf("%w: node %s renews too often", control.ErrRateLimited, c.NodeID), After: wait})
 	}
 	chain, err := s.cfg.Enroll.Renew(ctx, c.NodeID, c.CertSerial, req.Msg.GetCsr())

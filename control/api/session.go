@@ -112,6 +112,7 @@ func (s *Server) openSession(ctx context.Context, out *sessionStream) (*registry
 		return nil, nil, err
 	}
 	if ok, wait := s.cfg.NodeSessions.Allow(c.NodeID); !ok {
+		s.cfg.Metrics.Limited("node_sessions")
 		return nil, nil, s.fail(ctx, &control.RetryLater{Err: fmt.Errorf("%w: node %s opens sessions too often", control.ErrRateLimited, c.NodeID), After: wait})
 	}
 	if ok, wait := s.cfg.Registry.Admit(); !ok {

@@ -37,6 +37,7 @@ import (
 	"github.com/llorch/llorch/certs"
 	"github.com/llorch/llorch/control"
 	"github.com/llorch/llorch/control/connecterr"
+	"github.com/llorch/llorch/control/metrics"
 	"github.com/llorch/llorch/control/ratelimit"
 	"github.com/llorch/llorch/internal/clock"
 )
@@ -117,8 +118,9 @@ type Config struct {
 	Failures *ratelimit.Keyed
 	// Refusals logs refused credentials; nil: a Log on Logger.
 	Refusals *ratelimit.Log
-	Clock    clock.Clock  // nil: the wall clock
-	Logger   *slog.Logger // nil: discard
+	Metrics  *metrics.Metrics // nil: none
+	Clock    clock.Clock      // nil: the wall clock
+	Logger   *slog.Logger     // nil: discard
 }
 
 // Caller is who is calling, as the gate established it.
@@ -246,6 +248,7 @@ func (g *Gate) checkToken(ctx context.Context, r *http.Request, addr string) err
 		return fmt.Errorf("%w: admin procedures need the local socket (--data DIR): this server has no API token configured (LLORCH_API_TOKEN)", control.ErrUnauthenticated)
 	}
 	if blocked, wait := g.cfg.Failures.Blocked(addr); blocked {
+		g.cfg.Metrics.Limited("credentials")
 		return &control.RetryLater{Err: fmt.Errorf("%w: too many refused credentials from %s", control.ErrRateLimited, addr), After: wait}
 	}
 	token, ok := BearerToken(r.Header)

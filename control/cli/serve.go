@@ -66,10 +66,23 @@ A non-loopback --listen needs LLORCH_API_TOKEN, so that API clients authenticate
 // target: not when the operator set one with GOGC.
 func tuneGC() bool { return os.Getenv("GOGC") == "" }
 
-// addFleetFlags adds the liveness and pacing flags serve and dev share.
+// addFleetFlags adds the liveness, pacing and limit flags serve and dev
+// share (docs/ARCHITECTURE.md, "Limits").
 func addFleetFlags(f *pflag.FlagSet, cfg *server.Config) {
 	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", cfg.HeartbeatInterval, "heartbeat interval edges are told to use")
 	f.DurationVar(&cfg.OfflineAfter, "offline-after", cfg.OfflineAfter, "a node silent this long is offline (at least twice the heartbeat interval)")
 	f.Float64Var(&cfg.RegistrationRate, "registration-rate", cfg.RegistrationRate, "new edge sessions admitted per second; more are told when to retry (0: no pacing)")
 	f.IntVar(&cfg.RegistrationBurst, "registration-burst", cfg.RegistrationBurst, "new edge sessions admitted at once before pacing starts")
+	l := &cfg.Limits
+	f.IntVar(&l.MaxConns, "max-conns", l.MaxConns, "connections on the public port, all told (lowered to the file limit minus a reserve)")
+	f.IntVar(&l.MaxUnauthenticatedConns, "max-unauthenticated-conns", l.MaxUnauthenticatedConns, "connections in their TLS handshake or without a client certificate")
+	f.IntVar(&l.MaxUnauthenticatedConnsPerAddr, "max-unauthenticated-conns-per-addr", l.MaxUnauthenticatedConnsPerAddr, "the same, per source address (IPv6: per /64)")
+	f.DurationVar(&l.HandshakeTimeout, "handshake-timeout", l.HandshakeTimeout, "a new connection's TLS handshake must finish within this")
+	f.DurationVar(&l.IdleTimeout, "idle-timeout", l.IdleTimeout, "close a connection without a client certificate after this long without a request")
+	f.DurationVar(&l.BodyTimeout, "body-timeout", l.BodyTimeout, "a request body must arrive within this (edge sessions excepted); requests that need no credential must finish within it")
+	f.Float64Var(&l.Enroll.Rate, "enroll-rate", l.Enroll.Rate, "enrollments per second per source address, after the burst (0: no limit)")
+	f.IntVar(&l.Enroll.Burst, "enroll-burst", l.Enroll.Burst, "enrollments at once per source address (a batch of machines behind one NAT)")
+	f.IntVar(&l.AuthFailures.Burst, "max-failed-credentials", l.AuthFailures.Burst, "refused API or join tokens per source address before the address is refused; one more is allowed every 6s (0: no limit)")
+	f.DurationVar(&cfg.EventRetention, "event-retention", cfg.EventRetention, "delete events older than this")
+	f.IntVar(&cfg.MaxEvents, "max-events", cfg.MaxEvents, "keep at most this many events, deleting the oldest")
 }

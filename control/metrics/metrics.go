@@ -12,15 +12,18 @@ import (
 // Metrics are the control plane's counters and gauges. A nil *Metrics is
 // valid and records nothing, so packages can take one optionally.
 type Metrics struct {
-	Registry    *prometheus.Registry
-	Sessions    prometheus.Gauge
-	Heartbeats  prometheus.Counter
-	Enrollments *prometheus.CounterVec // result: ok, refused
-	Renewals    *prometheus.CounterVec // result: ok, refused
-	Transitions *prometheus.CounterVec // from, to
-	StoreErrors prometheus.Counter
-	Paced       prometheus.Counter
-	nodes       *nodesCollector
+	Registry     *prometheus.Registry
+	Sessions     prometheus.Gauge
+	Heartbeats   prometheus.Counter
+	Enrollments  *prometheus.CounterVec // result: ok, refused
+	Renewals     *prometheus.CounterVec // result: ok, refused
+	Transitions  *prometheus.CounterVec // from, to
+	StoreErrors  prometheus.Counter
+	Paced        prometheus.Counter
+	ConnsRefused *prometheus.CounterVec // reason: the cap a new connection was over
+	RateLimited  *prometheus.CounterVec // limit: enroll, credentials, node_sessions, node_renewals
+	nodes        *nodesCollector
+	conns        *connsCollector
 }
 
 // New registers every metric, plus Go runtime and process metrics.
@@ -48,9 +51,17 @@ func New() *Metrics {
 		Paced: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "llorch_sessions_paced_total", Help: "New sessions told to retry later because too many were registering at once.",
 		}),
+		ConnsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_conns_refused_total", Help: "Connections to the public port closed at once, by the cap they were over.",
+		}, []string{"reason"}),
+		RateLimited: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "llorch_rate_limited_total", Help: "Calls refused by a rate limit, by limit.",
+		}, []string{"limit"}),
 		nodes: &nodesCollector{desc: prometheus.NewDesc("llorch_nodes", "Nodes by status.", []string{"status"}, nil)},
+		conns: &connsCollector{desc: prometheus.NewDesc("llorch_public_conns", "Open connections to the public port; class unauthenticated counts those in their handshake or without a client certificate.", []string{"class"}, nil)},
 	}
-	m.Registry.MustRegister(m.Sessions, m.Heartbeats, m.Enrollments, m.Renewals, m.Transitions, m.StoreErrors, m.Paced, m.nodes,
+	m.Registry.MustRegister(m.Sessions, m.Heartbeats, m.Enrollments, m.Renewals, m.Transitions, m.StoreErrors, m.Paced,
+		m.ConnsRefused, m.RateLimited, m.nodes, m.conns,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -139,6 +150,50 @@ func result(ok bool) string {
 		return "ok"
 	}
 	return "refused"
+}
+
+// ConnRefused counts a connection closed at once for being over a cap.
+func (m *Metrics) ConnRefused(reason string) {
+	if m != nil {
+		m.ConnsRefused.WithLabelValues(reason).Inc()
+	}
+}
+
+// Limited counts a call refused by the rate limit named limit.
+func (m *Metrics) Limited(limit string) {
+	if m != nil {
+		m.RateLimited.WithLabelValues(limit).Inc()
+	}
+}
+
+// CountConns sets the function the public port's connection gauges are
+// read from at each scrape: all open connections, and the unauthenticated.
+func (m *Metrics) CountConns(count func() (all, unauth int)) {
+	if m != nil {
+		m.conns.mu.Lock()
+		m.conns.count = count
+		m.conns.mu.Unlock()
+	}
+}
+
+type connsCollector struct {
+	desc  *prometheus.Desc
+	mu    sync.Mutex
+	count func() (int, int)
+}
+
+func (c *connsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *connsCollector) Collect(ch chan<- prometheus.Metric) {
+	c.mu.Lock()
+	count := c.count
+	c.mu.Unlock()
+	if count == nil {
+		return
+	}
+	all, unauth := count()
+	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(all), "all")
+	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(unauth), "unauthenticated")
 }
 
 // SessionPaced counts a session told to retry later.

@@ -1,15 +1,23 @@
 package server
 
 import (
+	"compress/gzip"
+	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math"
+	"net/http"
 	"strings"
 	"syscall"
 	"time"
 	"unicode"
 
+	"connectrpc.com/connect"
+
+	"github.com/llorch/llorch/control/authz"
 	"github.com/llorch/llorch/control/ratelimit"
+	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
 )
 
 // Limits bound what a caller can make the control plane hold (connections,
@@ -28,6 +36,8 @@ type Limits struct {
 	// /64). Edges, which hold certificates, have the rest of MaxConns.
 	MaxUnauthenticatedConns        int
 	MaxUnauthenticatedConnsPerAddr int
+	// HandshakeTimeout bounds a new connection's TLS handshake.
+	HandshakeTimeout time.Duration
 	// IdleTimeout closes a connection without a client certificate that
 	// has carried no request for this long.
 	IdleTimeout time.Duration
@@ -52,6 +62,7 @@ const (
 	DefaultMaxConns                       = 110_000
 	DefaultMaxUnauthenticatedConns        = 4096
 	DefaultMaxUnauthenticatedConnsPerAddr = 64
+	DefaultHandshakeTimeout               = 10 * time.Second
 	DefaultIdleTimeout                    = 30 * time.Second
 	DefaultBodyTimeout                    = 30 * time.Second
 	// FDReserve is what MaxConns leaves of the file limit: the store's
@@ -71,6 +82,7 @@ func DefaultLimits() Limits {
 		MaxConns:                       DefaultMaxConns,
 		MaxUnauthenticatedConns:        DefaultMaxUnauthenticatedConns,
 		MaxUnauthenticatedConnsPerAddr: DefaultMaxUnauthenticatedConnsPerAddr,
+		HandshakeTimeout:               DefaultHandshakeTimeout,
 		IdleTimeout:                    DefaultIdleTimeout,
 		BodyTimeout:                    DefaultBodyTimeout,
 		Enroll:                         ratelimit.Limit{Rate: 2, Burst: 100},
@@ -86,7 +98,7 @@ func (l Limits) Validate() error {
 			return errors.New("connection limits must not be negative")
 		}
 	}
-	if l.IdleTimeout < 0 || l.BodyTimeout < 0 {
+	if l.HandshakeTimeout < 0 || l.IdleTimeout < 0 || l.BodyTimeout < 0 {
 		return errors.New("timeouts must not be negative")
 	}
 	for _, r := range []ratelimit.Limit{l.Enroll, l.AuthFailures, l.NodeSessions, l.NodeRenewals} {
@@ -111,11 +123,17 @@ func (l Limits) withDefaults(heartbeat time.Duration) (Limits, string) {
 	if l.MaxUnauthenticatedConnsPerAddr == 0 {
 		l.MaxUnauthenticatedConnsPerAddr = def.MaxUnauthenticatedConnsPerAddr
 	}
+	if l.HandshakeTimeout == 0 {
+		l.HandshakeTimeout = def.HandshakeTimeout
+	}
 	if l.IdleTimeout == 0 {
 		l.IdleTimeout = def.IdleTimeout
 	}
 	if l.BodyTimeout == 0 {
 		l.BodyTimeout = def.BodyTimeout
+	}
+	if l.AuthFailures.Burst == 0 {
+		l.AuthFailures = ratelimit.Limit{}
 	}
 	if l.NodeSessions.Rate == 0 {
 		l.NodeSessions = ratelimit.Every(heartbeat, 10)
@@ -203,4 +221,84 @@ func alphabetSize(s string) int {
 		return 64
 	}
 	return 94
+}
+
+// boundRequests bounds every request but the edge session's stream (whose
+// deadlines the session keeps itself, api.SessionHTTP): its body must have
+// arrived within the body timeout of its headers, and a request that needed
+// no credential must be over by then. The gate has run: the caller is known.
+func boundRequests(next http.Handler, timeout time.Duration) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == llorchv1connect.SessionServiceConnectProcedure {
+			next.ServeHTTP(w, r)
+			return
+		}
+		ctl := http.NewResponseController(w)
+		if ctl.SetReadDeadline(time.Now().Add(timeout)) == nil {
+			r.Body = &deadlineBody{ReadCloser: r.Body, ctl: ctl}
+		}
+		if c, ok := authz.CallerFrom(r.Context()); ok && c.Policy == authz.Public {
+			ctx, cancel := context.WithTimeout(r.Context(), timeout)
+			defer cancel()
+			r = r.WithContext(ctx)
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// deadlineBody lifts the read deadline once the body has been read to its
+// end: a response that streams on for longer (WatchEvents) is not cut off,
+// and HTTP/1.1's check for a closed connection does not time out.
+type deadlineBody struct {
+	io.ReadCloser
+	ctl  *http.ResponseController
+	done bool
+}
+
+func (b *deadlineBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if errors.Is(err, io.EOF) && !b.done {
+		b.done = true
+		b.ctl.SetReadDeadline(time.Time{})
+	}
+	return n, err
+}
+
+// cappedGzip is gzip for request messages that stops decompressing one byte
+// past MaxMessageBytes. Connect refuses a message over its read limit with
+// resource_exhausted, but counts the rest of a compressed one by
+// decompressing it to the end: a few kilobytes of gzip can stand for
+// gigabytes, and this way they cost a megabyte of work, not seconds of CPU.
+func cappedGzip() connect.HandlerOption {
+	return connect.WithCompression("gzip",
+		func() connect.Decompressor { return &cappedDecompressor{limit: MaxMessageBytes + 1} },
+		func() connect.Compressor { return gzip.NewWriter(io.Discard) },
+	)
+}
+
+var errDecompressedTooLarge = fmt.Errorf("message is larger than %d bytes when decompressed", MaxMessageBytes)
+
+type cappedDecompressor struct {
+	gz    gzip.Reader
+	limit int64
+	left  int64
+}
+
+func (d *cappedDecompressor) Read(p []byte) (int, error) {
+	if d.left <= 0 {
+		return 0, errDecompressedTooLarge
+	}
+	if int64(len(p)) > d.left {
+		p = p[:d.left]
+	}
+	n, err := d.gz.Read(p)
+	d.left -= int64(n)
+	return n, err
+}
+
+func (d *cappedDecompressor) Close() error { return d.gz.Close() }
+
+func (d *cappedDecompressor) Reset(r io.Reader) error {
+	d.left = d.limit
+	return d.gz.Reset(r)
 }

@@ -13,10 +13,19 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/llorch/llorch/control/metrics"
+	"github.com/llorch/llorch/control/ratelimit"
 )
 
-// HandshakeTimeout bounds a new connection's TLS handshake on the public port.
-const HandshakeTimeout = 10 * time.Second
+// What a connection without a client certificate gets of HTTP/2: a few
+// streams at once, and buffers no larger than HTTP/2's defaults, so that
+// one holds kilobytes, not the megabytes x/net allows by default.
+const (
+	UnauthenticatedMaxStreams = 16
+	unauthenticatedFrameSize  = 16 << 10 // HTTP/2's smallest, and its default
+	unauthenticatedWindow     = 65535    // HTTP/2's initial flow-control window
+)
 
 // publicPort serves the public TLS port. Connections are accepted here, not
 // by http.Server: an HTTP/2 connection (every edge session is one) is served
@@ -26,25 +35,43 @@ const HandshakeTimeout = 10 * time.Second
 // long as the edge stays connected; here it keeps 8 KiB (docs/BENCHMARKS.md).
 // Other connections (HTTP/1.1: browsers' gRPC-web, curl) are handed to the
 // http.Server.
+//
+// It also bounds what a caller can hold (Limits): connections in all, and
+// connections that are still in their handshake or have no client
+// certificate, in all and per source address. A connection over a cap is
+// closed as soon as it is accepted. Edges, whose certificates verify in the
+// handshake, leave the unauthenticated count then, so a crowd of
+// certificate-less connections cannot lock them out.
 type publicPort struct {
-	ln    net.Listener
-	tls   *tls.Config
-	h2    *http2.Server
-	http1 *http.Server // serves the HTTP/1.1 connections; the HTTP/2 ones' base config
-	log   *slog.Logger
+	ln     net.Listener
+	tls    *tls.Config
+	h2     *http2.Server // connections with a client certificate: edges
+	h2anon *http2.Server // connections without one
+	http1  *http.Server  // serves the HTTP/1.1 connections; the HTTP/2 ones' base config
+	limits Limits
+	log    *slog.Logger
+	// refused logs refused connections without flooding the log.
+	refused *ratelimit.Log
+	metrics *metrics.Metrics
 
 	handoff *connListener
 
 	handshakes atomic.Uint64 // TLS handshakes begun, for the collector's tuning
 
 	mu      sync.Mutex
-	conns   map[net.Conn]struct{} // handshaking or HTTP/2; closed by closeAll
-	closing bool                  // shutting down: no new connection is served
-	wg      sync.WaitGroup        // one per connection in conns
+	conns   map[*countedConn]struct{} // every open connection; closed by closeAll
+	unauth  int                       // of them, handshaking or without a client certificate
+	perAddr map[string]int            // unauth by source address
+	closing bool                      // shutting down: no new connection is served
+	wg      sync.WaitGroup            // one per connection in conns
 }
 
-func newPublicPort(ln net.Listener, srv *http.Server, h2 *http2.Server, log *slog.Logger) (*publicPort, error) {
+func newPublicPort(ln net.Listener, srv *http.Server, h2, h2anon *http2.Server, limits Limits, log *slog.Logger, refused *ratelimit.Log, m *metrics.Metrics) (*publicPort, error) {
+	// Both hook into srv's Shutdown, which so sends every connection its GOAWAY.
 	if err := http2.ConfigureServer(srv, h2); err != nil {
+		return nil, err
+	}
+	if err := http2.ConfigureServer(srv, h2anon); err != nil {
 		return nil, err
 	}
 	cfg := srv.TLSConfig.Clone()
@@ -52,9 +79,10 @@ func newPublicPort(ln net.Listener, srv *http.Server, h2 *http2.Server, log *slo
 		cfg.NextProtos = append(cfg.NextProtos, "http/1.1")
 	}
 	return &publicPort{
-		ln: ln, tls: cfg, h2: h2, http1: srv, log: log,
+		ln: ln, tls: cfg, h2: h2, h2anon: h2anon, http1: srv, limits: limits, log: log, refused: refused, metrics: m,
 		handoff: &connListener{addr: ln.Addr(), conns: make(chan net.Conn), done: make(chan struct{})},
-		conns:   map[net.Conn]struct{}{},
+		conns:   map[*countedConn]struct{}{},
+		perAddr: map[string]int{},
 	}, nil
 }
 
@@ -79,55 +107,123 @@ func (p *publicPort) serve() error {
 			continue
 		}
 		delay = 5 * time.Millisecond
-		if !p.track(c) {
+		cc, refusal := p.admit(c)
+		if cc == nil {
 			c.Close()
+			if refusal != "" {
+				p.metrics.ConnRefused(refusal)
+				p.refused.Refused(context.Background(), "connection refused", "remote", c.RemoteAddr().String(), "reason", refusal)
+			}
 			continue
 		}
-		go p.serveConn(c)
+		go p.serveConn(cc)
 	}
 }
 
-func (p *publicPort) track(c net.Conn) bool {
+// Why admit refuses a connection (the metric's label).
+const (
+	refusedTotal  = "max_conns"
+	refusedUnauth = "max_unauthenticated_conns"
+	refusedAddr   = "max_unauthenticated_conns_per_addr"
+)
+
+// admit counts a new connection in, or says which cap it is over ("" when
+// the port is shutting down).
+func (p *publicPort) admit(c net.Conn) (*countedConn, string) {
+	addr := ratelimit.AddrKey(c.RemoteAddr().String())
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.closing {
-		return false
+	switch {
+	case p.closing:
+		return nil, ""
+	case len(p.conns) >= p.limits.MaxConns:
+		return nil, refusedTotal
+	case p.unauth >= p.limits.MaxUnauthenticatedConns:
+		return nil, refusedUnauth
+	case p.perAddr[addr] >= p.limits.MaxUnauthenticatedConnsPerAddr:
+		return nil, refusedAddr
 	}
-	p.conns[c] = struct{}{}
+	cc := &countedConn{Conn: c, p: p, addr: addr, unauth: true}
+	p.conns[cc] = struct{}{}
+	p.unauth++
+	p.perAddr[addr]++
 	p.wg.Add(1)
-	return true
+	return cc, ""
 }
 
-func (p *publicPort) untrack(c net.Conn) {
+// authenticated moves a connection whose client certificate verified out
+// of the unauthenticated counts.
+func (p *publicPort) authenticated(cc *countedConn) {
 	p.mu.Lock()
-	delete(p.conns, c)
+	defer p.mu.Unlock()
+	if cc.unauth && !cc.closed {
+		cc.unauth = false
+		p.releaseUnauth(cc.addr)
+	}
+}
+
+// releaseUnauth gives back one unauthenticated connection of addr; p.mu is held.
+func (p *publicPort) releaseUnauth(addr string) {
+	p.unauth--
+	if p.perAddr[addr]--; p.perAddr[addr] <= 0 {
+		delete(p.perAddr, addr)
+	}
+}
+
+// countedConn is an accepted connection, counted against the caps until it
+// is closed, by whoever closes it (the HTTP/2 server, the http.Server,
+// closeAll).
+type countedConn struct {
+	net.Conn
+	p      *publicPort
+	addr   string
+	unauth bool // counted as unauthenticated; guarded by p.mu
+	closed bool // guarded by p.mu
+}
+
+func (c *countedConn) Close() error {
+	err := c.Conn.Close()
+	p := c.p
+	p.mu.Lock()
+	if !c.closed {
+		c.closed = true
+		delete(p.conns, c)
+		if c.unauth {
+			p.releaseUnauth(c.addr)
+		}
+		p.wg.Done()
+	}
 	p.mu.Unlock()
-	p.wg.Done()
+	return err
 }
 
 // serveConn does the handshake, then serves an HTTP/2 connection here until
 // it closes, or hands an HTTP/1.1 one to the http.Server. Its frame stays on
 // the stack for the whole connection, so the handshake is done in a call of
 // its own.
-func (p *publicPort) serveConn(c net.Conn) {
-	defer p.untrack(c)
-	tc := p.handshake(c)
+func (p *publicPort) serveConn(cc *countedConn) {
+	tc := p.handshake(cc)
 	if tc == nil {
 		return
+	}
+	h2 := p.h2anon
+	if len(tc.ConnectionState().VerifiedChains) > 0 {
+		p.authenticated(cc)
+		h2 = p.h2
 	}
 	if tc.ConnectionState().NegotiatedProtocol != http2.NextProtoTLS {
 		p.handoff.deliver(tc) // the http.Server closes it
 		return
 	}
-	p.h2.ServeConn(tc, &http2.ServeConnOpts{BaseConfig: p.http1, Handler: p.http1.Handler})
+	h2.ServeConn(tc, &http2.ServeConnOpts{BaseConfig: p.http1, Handler: p.http1.Handler}) // closes tc
 }
 
-// handshake does the TLS handshake within HandshakeTimeout; nil if it failed
+// handshake does the TLS handshake within the handshake timeout; nil if it failed
 // (the connection is closed then).
 func (p *publicPort) handshake(c net.Conn) *tls.Conn {
 	p.handshakes.Add(1)
 	tc := tls.Server(c, p.tls)
-	c.SetDeadline(time.Now().Add(HandshakeTimeout))
+	c.SetDeadline(time.Now().Add(p.limits.HandshakeTimeout))
 	if err := tc.Handshake(); err != nil {
 		p.log.Debug("TLS handshake failed", "remote", c.RemoteAddr().String(), "err", err)
 		c.Close()
@@ -145,7 +241,7 @@ func (p *publicPort) shutdown(ctx context.Context) error {
 	p.closing = true
 	p.mu.Unlock()
 	p.ln.Close()
-	err := p.http1.Shutdown(ctx) // also sends the GOAWAYs: ConfigureServer hooked the HTTP/2 server to it
+	err := p.http1.Shutdown(ctx) // also sends the GOAWAYs: ConfigureServer hooked the HTTP/2 servers to it
 	done := make(chan struct{})
 	go func() { p.wg.Wait(); close(done) }()
 	select {
@@ -167,10 +263,22 @@ func (p *publicPort) closeAll() {
 	p.ln.Close()
 	p.http1.Close()
 	p.mu.Lock()
+	conns := make([]*countedConn, 0, len(p.conns))
 	for c := range p.conns {
-		c.Close()
+		conns = append(conns, c)
 	}
 	p.mu.Unlock()
+	for _, c := range conns {
+		c.Close()
+	}
+}
+
+// connCounts reports the open connections and, of them, the unauthenticated
+// ones, for the metrics scrape.
+func (p *publicPort) connCounts() (all, unauth int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.conns), p.unauth
 }
 
 // connListener hands connections that are already accepted and handshaken

@@ -40,8 +40,11 @@ import (
 	"github.com/llorch/llorch/internal/refusal"
 )
 
-// MaxMessageBytes bounds every request message.
+// MaxMessageBytes bounds every request message, decompressed.
 const MaxMessageBytes = 1 << 20
+
+// MaxHeaderBytes bounds a request's headers.
+const MaxHeaderBytes = 64 << 10
 
 // CompressMinBytes is the smallest response message worth compressing when
 // the client accepts gzip. Heartbeat acks and commands are a few dozen bytes:
@@ -143,6 +146,7 @@ func (s *Server) open(ctx context.Context) (err error) {
 	if err := s.registry.Load(ctx); err != nil {
 		return err
 	}
+	s.metrics.CountConns(func() (int, int) { return s.port.connCounts() })
 	if s.local, err = listenSocket(SocketPath(cfg.DataDir)); err != nil {
 		return err
 	}
@@ -156,24 +160,39 @@ func (s *Server) open(ctx context.Context) (err error) {
 			Local:       local,
 			Failures:    s.failures,
 			Refusals:    s.refusals,
+			Metrics:     s.metrics,
 			Clock:       cfg.Clock,
 			Logger:      cfg.Logger.With("component", "authz"),
 		})
 	}
 	publicSrv := &http.Server{
-		Handler:           gate(false, Routes()).Handler(handler),
-		TLSConfig:         certs.ServerTLSConfig(s.ca.GetCertificate, s.ca.ClientCAs()),
-		ReadHeaderTimeout: 10 * time.Second,
-		MaxHeaderBytes:    64 << 10,
+		Handler:   gate(false, Routes()).Handler(boundRequests(handler, s.limits.BodyTimeout)),
+		TLSConfig: certs.ServerTLSConfig(s.ca.GetCertificate, s.ca.ClientCAs()),
+		// HTTP/1.1 connections (browsers, curl; never edges): the first
+		// request's headers are held to the handshake's bound.
+		ReadHeaderTimeout: s.limits.HandshakeTimeout,
+		IdleTimeout:       s.limits.IdleTimeout,
+		MaxHeaderBytes:    MaxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelDebug),
 	}
-	s.port, err = newPublicPort(s.public, publicSrv, &http2.Server{
+	edges := &http2.Server{
 		MaxConcurrentStreams: 250,
 		IdleTimeout:          5 * time.Minute,
 		// Pings find a dead path to an edge well before the offline threshold.
 		ReadIdleTimeout: cfg.HeartbeatInterval + 5*time.Second,
 		PingTimeout:     5 * time.Second,
-	}, cfg.Logger.With("component", "server"))
+	}
+	anonymous := &http2.Server{
+		MaxConcurrentStreams:         UnauthenticatedMaxStreams,
+		IdleTimeout:                  s.limits.IdleTimeout,
+		MaxReadFrameSize:             unauthenticatedFrameSize,
+		MaxUploadBufferPerConnection: unauthenticatedWindow,
+		MaxUploadBufferPerStream:     unauthenticatedWindow,
+		ReadIdleTimeout:              s.limits.IdleTimeout,
+		PingTimeout:                  5 * time.Second,
+		WriteByteTimeout:             s.limits.BodyTimeout,
+	}
+	s.port, err = newPublicPort(s.public, publicSrv, edges, anonymous, s.limits, cfg.Logger.With("component", "server"), s.refusals, s.metrics)
 	if err != nil {
 		return fmt.Errorf("configure HTTP/2: %w", err)
 	}
@@ -235,6 +254,7 @@ func (s *Server) handler() http.Handler {
 	})
 	opts := []connect.HandlerOption{
 		connect.WithReadMaxBytes(MaxMessageBytes),
+		cappedGzip(),
 		connect.WithSendMaxBytes(4 * MaxMessageBytes),
 		connect.WithCompressMinBytes(CompressMinBytes),
 	}
@@ -380,6 +400,10 @@ func (s *Server) rotateTicketKeys(ctx context.Context) {
 		}
 	}
 }
+
+// Conns reports the public port's open connections and, of them, those in
+// their handshake or without a client certificate.
+func (s *Server) Conns() (all, unauthenticated int) { return s.port.connCounts() }
 
 // Registry is the live fleet, for tests in the same process.
 func (s *Server) Registry() *registry.Registry { return s.registry }

@@ -50,6 +50,18 @@ func newControlProc(bin, dataDir, listen, logDir, logLevel string, heartbeat, of
 	}
 }
 
+// simulationFlags lift the limits that would treat the simulated fleet as
+// one machine: every edge dials from 127.0.0.1, where real ones come from
+// addresses of their own, and all of them enroll from it. A binary that
+// predates the limits (a comparison run) gets none.
+func (c *controlProc) simulationFlags() []string {
+	help, _ := exec.Command(c.bin, "serve", "--help").CombinedOutput()
+	if !strings.Contains(string(help), "--max-unauthenticated-conns-per-addr") {
+		return nil
+	}
+	return []string{"--max-unauthenticated-conns-per-addr", "1000000", "--max-unauthenticated-conns", "1000000", "--enroll-rate", "0"}
+}
+
 // start runs `control serve`; its output goes to control-<n>.log.
 func (c *controlProc) start() error {
 	c.starts++
@@ -58,9 +70,10 @@ func (c *controlProc) start() error {
 	if err != nil {
 		return fmt.Errorf("control plane log: %w", err)
 	}
-	cmd := exec.Command(c.bin, "serve", "--data", c.dataDir, "--listen", c.listen,
+	args := []string{"serve", "--data", c.dataDir, "--listen", c.listen,
 		"--heartbeat-interval", c.heartbeat.String(), "--offline-after", c.offlineAfter.String(),
-		"--log-level", c.logLevel)
+		"--log-level", c.logLevel}
+	cmd := exec.Command(c.bin, append(args, c.simulationFlags()...)...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// Its own process group, so a Ctrl-C reaches only edgesim, which stops
 	// it; and killed with edgesim should edgesim die first.
