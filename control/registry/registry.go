@@ -103,6 +103,25 @@ type entry struct {
 	session  *Session
 	dirty    bool // last seen not flushed yet
 	lastBeat time.Time
+	flap     flap
+}
+
+// A node that changes status more than FlapBudget times within FlapWindow
+// is flapping: its further moves in the window change its status without
+// an event each, and when the window ends one event sums them up (with
+// their count in Event.Coalesced). So a node that reconnects as fast as it
+// may costs the event log a bounded number of rows, whatever it does.
+const (
+	FlapWindow = 10 * time.Minute
+	FlapBudget = 20
+)
+
+// flap counts a node's moves in the current window.
+type flap struct {
+	start time.Time
+	moves int
+	quiet int                // moves written without an event
+	from  control.NodeStatus // the status before the first quiet move
 }
 
 // Registry is the live fleet. It is safe for concurrent use.
@@ -272,6 +291,9 @@ func (r *Registry) Sweep(now time.Time) {
 		return
 	}
 	for id, e := range r.nodes {
+		if e.flap.quiet > 0 && now.Sub(e.flap.start) >= FlapWindow {
+			r.endFlap(id, e, now)
+		}
 		switch e.node.Status {
 		case control.StatusOnline, control.StatusDisconnected:
 			since := e.lastSeen()
@@ -297,16 +319,42 @@ func (e *entry) lastSeen() time.Time {
 	return e.node.LastSeen
 }
 
-// transition changes a node's status in memory and queues the write. r.mu is held.
+// transition changes a node's status in memory and queues the write, with
+// its event unless the node is flapping. r.mu is held.
 func (r *Registry) transition(id string, e *entry, to control.NodeStatus, reason string) {
 	from := e.node.Status
 	if from == to {
 		return
 	}
+	now := r.clock.Now()
+	if now.Sub(e.flap.start) >= FlapWindow {
+		r.endFlap(id, e, now)
+	}
 	e.node.Status, e.node.StatusReason = to, reason
 	r.metrics.Transition(string(from), string(to))
-	r.log.Info("node status", "node_id", id, "from", from, "to", to, "reason", reason)
-	r.writes <- control.StatusChange{NodeID: id, Status: to, Reason: reason}
+	change := control.StatusChange{NodeID: id, Status: to, Reason: reason}
+	if e.flap.moves++; e.flap.moves > FlapBudget {
+		if e.flap.quiet == 0 {
+			e.flap.from = from
+			r.log.Warn("node is flapping; its status changes are summed up in one event per window", "node_id", id, "changes", FlapBudget, "window", FlapWindow)
+		}
+		e.flap.quiet++
+		change.Quiet = true
+	} else {
+		r.log.Info("node status", "node_id", id, "from", from, "to", to, "reason", reason)
+	}
+	r.writes <- change
+}
+
+// endFlap closes a node's flapping window: the moves written without events
+// get one that sums them up, and a new window starts at now. r.mu is held.
+func (r *Registry) endFlap(id string, e *entry, now time.Time) {
+	if q := e.flap.quiet; q > 0 {
+		reason := fmt.Sprintf("flapping: %d status changes in %s summed up in this event", q, now.Sub(e.flap.start).Round(time.Second))
+		r.writes <- control.StatusChange{NodeID: id, Status: e.node.Status, Reason: reason, Coalesced: q, From: e.flap.from}
+		r.log.Info("node status", "node_id", id, "from", e.flap.from, "to", e.node.Status, "reason", reason)
+	}
+	e.flap = flap{start: now}
 }
 
 // writer writes queued transitions, batching whatever has queued up into
@@ -396,13 +444,6 @@ func (r *Registry) flushLastSeen(ctx context.Context) {
 	if err := r.cfg.Store.UpdateLastSeen(ctx, seen); err != nil {
 		r.metrics.StoreError()
 		r.log.Error("cannot record last-seen times; will retry", "nodes", len(seen), "err", err)
-		r.mu.Lock()
-		for id := range seen {
-			if e, ok := r.nodes[id]; ok {
-				e.dirty = true
-			}
-		}
-		r.mu.Unlock()
 		r.mu.Lock()
 		for id := range seen {
 			if e, ok := r.nodes[id]; ok {

@@ -599,3 +599,70 @@ func TestOwnStallIsNotTheNodesFault(t *testing.T) {
 	}
 	waitFor(func() bool { return e.status(t, "n1") == control.StatusOffline })
 }
+
+// A node that reconnects as fast as it can is recorded in a bounded number
+// of events: FlapBudget moves one by one, then one event that sums up the
+// rest when the window ends. Its status stays current in the store, and
+// other nodes are recorded as always.
+func TestFlappingNodeCoalesced(t *testing.T) {
+	e := newEnv(t, "flap", "calm")
+	const cycles = 500
+	for range cycles {
+		s := connect(t, e.reg, "flap")
+		s.Close(false, "session lost: reset")
+	}
+	connect(t, e.reg, "calm")
+	e.waitEvent(t, "calm", "enrolled -> online: registered")
+	statusEvents := func(id string) []control.Event {
+		evs, err := e.st.ListEvents(context.Background(), id, 10000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []control.Event
+		for _, ev := range evs {
+			if ev.Kind == control.EventStatus {
+				out = append(out, ev)
+			}
+		}
+		return out
+	}
+	waitFor(t, "the flapping node's moves written", func() bool {
+		n, _ := e.st.GetNode(context.Background(), "flap")
+		return n.Status == control.StatusDisconnected && len(statusEvents("flap")) == registry.FlapBudget
+	})
+	if got := len(statusEvents("flap")); got != registry.FlapBudget {
+		t.Fatalf("%d status events for %d moves, want %d", got, 2*cycles, registry.FlapBudget)
+	}
+	e.clock.Advance(registry.FlapWindow)
+	e.reg.Sweep(e.clock.Now())
+	// The window's end sums the flapping up; ten minutes of silence also
+	// took the node offline, recorded after the summary.
+	waitFor(t, "the summary", func() bool { return len(statusEvents("flap")) == registry.FlapBudget+2 })
+	evs := statusEvents("flap")
+	sum, off := evs[1], evs[0]
+	if sum.Coalesced != 2*cycles-registry.FlapBudget || sum.From != control.StatusDisconnected || sum.To != control.StatusDisconnected {
+		t.Errorf("summary %+v, want %d moves from disconnected to disconnected", sum, 2*cycles-registry.FlapBudget)
+	}
+	if off.To != control.StatusOffline || off.Coalesced != 0 {
+		t.Errorf("after the summary %+v, want the move to offline", off)
+	}
+	// A new window: moves are recorded one by one again.
+	connect(t, e.reg, "flap")
+	e.waitEvent(t, "flap", "offline -> online: registered")
+	for _, ev := range statusEvents("calm") {
+		if ev.Coalesced != 0 {
+			t.Errorf("the calm node's moves were coalesced: %+v", ev)
+		}
+	}
+}
+
+func waitFor(tb testing.TB, what string, cond func() bool) {
+	tb.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			tb.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}

@@ -23,6 +23,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/llorch/llorch/certs"
+	"github.com/llorch/llorch/control/registry"
 	"github.com/llorch/llorch/control/server"
 	"github.com/llorch/llorch/control/server/servertest"
 	"github.com/llorch/llorch/edge/client"
@@ -683,4 +684,88 @@ func renewOnce(tb testing.TB, id state.Identity) error {
 	}
 	_, err = client.NodeClient(client.NewIdentity(id)).RenewCertificate(context.Background(), connect.NewRequest(&llorchv1.RenewCertificateRequest{Csr: csr}))
 	return err
+}
+
+// One node reconnecting as fast as it can is held to its own session rate:
+// it does not use up the registration pacing that every other edge shares,
+// and costs the event log a bounded number of rows.
+func TestReconnectingNodeBounded(t *testing.T) {
+	srv := servertest.Start(t, func(c *server.Config) {
+		c.RegistrationRate, c.RegistrationBurst = 20, 5 // a small shared budget, easy to use up
+	})
+	flapper, other := rawNode(t, srv), rawNode(t, srv)
+	stop := make(chan struct{})
+	done := make(chan [2]int)
+	go func() {
+		var registered, limited int
+		for {
+			select {
+			case <-stop:
+				done <- [2]int{registered, limited}
+				return
+			default:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			s := llorchv1connect.NewSessionServiceClient(client.HTTPClient(client.NewIdentity(flapper)), flapper.ControlURL).Connect(ctx)
+			s.Send(&llorchv1.ConnectRequest{Message: &llorchv1.ConnectRequest_Register{Register: &llorchv1.Register{}}})
+			_, err := s.Receive()
+			switch {
+			case err == nil:
+				registered++
+			case connect.CodeOf(err) == connect.CodeResourceExhausted:
+				limited++
+			}
+			s.CloseRequest()
+			s.CloseResponse()
+			cancel()
+		}
+	}()
+	// Meanwhile another node registers, several times, and is never paced.
+	for i := range 5 {
+		time.Sleep(100 * time.Millisecond)
+		s := openSession(t, other)
+		if err := s.Send(&llorchv1.ConnectRequest{Message: &llorchv1.ConnectRequest_Register{Register: &llorchv1.Register{}}}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Receive(); err != nil {
+			t.Errorf("registration %d of another node while one reconnects in a loop: %v", i+1, err)
+		}
+		s.CloseRequest()
+	}
+	close(stop)
+	counts := <-done
+	if counts[1] == 0 || counts[0] > 10 {
+		t.Errorf("the reconnecting node registered %d times and was limited %d times; want at most its burst of 10, then limits", counts[0], counts[1])
+	}
+	evs := events(t, srv, flapper.NodeID)
+	if n := countEvents(evs, "status"); n > registry.FlapBudget+1 {
+		t.Errorf("%d status events for the reconnecting node, want at most %d", n, registry.FlapBudget+1)
+	}
+}
+
+// The event log is held to its count at start (and every PruneInterval).
+func TestEventRetention(t *testing.T) {
+	srv := servertest.Start(t, nil)
+	for range 60 {
+		srv.Token(t, &llorchv1.CreateJoinTokenRequest{})
+	}
+	cfg := srv.Config
+	cfg.Listen = srv.Addr().String()
+	cfg.MaxEvents = 25
+	srv.Stop()
+	srv = servertest.StartConfig(t, cfg)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		n, err := srv.Store().CountEvents(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 25 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d events kept, want 25", n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

@@ -361,6 +361,7 @@ func (s *Server) Run(ctx context.Context) error {
 	var helpers sync.WaitGroup
 	defer func() { stopHelpers(); helpers.Wait() }()
 	helpers.Go(func() { s.rotateTicketKeys(helpersCtx) })
+	helpers.Go(func() { s.pruneEvents(helpersCtx) })
 	if s.cfg.TuneGC {
 		helpers.Go(func() { newGCTuner(s.port.handshakes.Load, s.log).run(helpersCtx) })
 	}
@@ -404,6 +405,35 @@ func (s *Server) rotateTicketKeys(ctx context.Context) {
 // Conns reports the public port's open connections and, of them, those in
 // their handshake or without a client certificate.
 func (s *Server) Conns() (all, unauthenticated int) { return s.port.connCounts() }
+
+// PruneInterval is how often the event log is held to its retention.
+const PruneInterval = 10 * time.Minute
+
+// pruneEvents holds the event log to its retention (age and count) at the
+// start and every PruneInterval.
+func (s *Server) pruneEvents(ctx context.Context) {
+	retention, keep := s.cfg.EventRetention, s.cfg.MaxEvents
+	if retention == 0 {
+		retention = DefaultEventRetention
+	}
+	if keep == 0 {
+		keep = DefaultMaxEvents
+	}
+	for {
+		n, err := s.store.PruneEvents(ctx, s.cfg.Clock.Now().Add(-retention), keep)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			s.log.Error("cannot prune the event log; will retry", "err", err)
+		case n > 0:
+			s.log.Info("pruned the event log", "deleted", n, "retention", retention, "max_events", keep)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.cfg.Clock.After(PruneInterval):
+		}
+	}
+}
 
 // Registry is the live fleet, for tests in the same process.
 func (s *Server) Registry() *registry.Registry { return s.registry }

@@ -3,7 +3,9 @@ package store
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
+	"time"
 
 	"github.com/llorch/llorch/control"
 )
@@ -96,4 +98,64 @@ func scanEvent(row scanner) (control.Event, error) {
 	}
 	e.Time, e.NodeID = fromNanos(t), node.String
 	return e, nil
+}
+
+// pruneBatch bounds the events one pruning transaction deletes, so that the
+// one writer is never held for long.
+const pruneBatch = 5000
+
+// PruneEvents deletes the events recorded before olderThan, and the oldest
+// beyond the newest keep (keep <= 0: no bound on the count), in batches,
+// and returns how many it deleted. The database file does not shrink: its
+// free pages are reused, so it stops growing.
+func (s *Store) PruneEvents(ctx context.Context, olderThan time.Time, keep int) (int, error) {
+	total := 0
+	for {
+		var n int64
+		err := s.write(ctx, func(tx *sql.Tx) error {
+			res, err := tx.ExecContext(ctx, `DELETE FROM events WHERE id IN (SELECT id FROM events WHERE time < ? ORDER BY id LIMIT ?)`,
+				nanos(olderThan), pruneBatch)
+			if err != nil {
+				return err
+			}
+			if n, err = res.RowsAffected(); err != nil || n > 0 || keep <= 0 {
+				return err
+			}
+			// Nothing too old left: bound the count. The newest keep are
+			// those from the keep-th newest ID up.
+			var floor int64
+			err = tx.QueryRowContext(ctx, `SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?`, keep-1).Scan(&floor)
+			if errors.Is(err, sql.ErrNoRows) {
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+			res, err = tx.ExecContext(ctx, `DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id < ? ORDER BY id LIMIT ?)`, floor, pruneBatch)
+			if err != nil {
+				return err
+			}
+			n, err = res.RowsAffected()
+			return err
+		})
+		if err != nil {
+			return total, fmt.Errorf("prune events: %w", err)
+		}
+		total += int(n)
+		if n == 0 {
+			return total, nil
+		}
+	}
+}
+
+// CountEvents is the number of events recorded.
+func (s *Store) CountEvents(ctx context.Context) (int, error) {
+	var n int
+	err := s.read(ctx, func(tx *sql.Tx) error {
+		return tx.QueryRowContext(ctx, `SELECT count(*) FROM events`).Scan(&n)
+	})
+	if err != nil {
+		return 0, fmt.Errorf("count events: %w", err)
+	}
+	return n, nil
 }

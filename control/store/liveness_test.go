@@ -2,6 +2,7 @@ package store_test
 
 import (
 	"context"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -109,5 +110,47 @@ func TestListEventsAfter(t *testing.T) {
 	onlyB, err := s.ListEventsAfter(ctx, "b", 0, 0)
 	if err != nil || len(onlyB) != 1 || onlyB[0].NodeID != "b" {
 		t.Fatalf("node b: %v, %v", onlyB, err)
+	}
+}
+
+// Events past the retention go, and so do the oldest beyond the count;
+// what is left is the newest. Both span several of the batches a prune
+// deletes at a time.
+func TestPruneEvents(t *testing.T) {
+	ctx := t.Context()
+	path := filepath.Join(t.TempDir(), "llorch.db")
+	s := openStore(t, path)
+	mustEnroll(t, s, newNode("n1"))
+	before, _ := s.CountEvents(ctx) // the token's and the enrollment's, at t0
+	db := rawDB(t, path)
+	tx, err := db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 12_000; i++ {
+		if _, err := tx.Exec(`INSERT INTO events (time, node_id, kind, reason) VALUES (?, 'n1', 'drained', 'x')`, t0.Add(time.Duration(i)*time.Second).UnixNano()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	// Before t0 + 2,000.5 s: the first ones and 2,000 drains.
+	n, err := s.PruneEvents(ctx, t0.Add(2000*time.Second+time.Second/2), 0)
+	if err != nil || n != before+2000 {
+		t.Fatalf("pruned %d (%v) by age, want %d", n, err, before+2000)
+	}
+	// Keep the newest 3,000 of the 10,000 left.
+	if n, err = s.PruneEvents(ctx, t0, 3000); err != nil || n != 7000 {
+		t.Fatalf("pruned %d (%v) by count, want 7000", n, err)
+	}
+	if c, _ := s.CountEvents(ctx); c != 3000 {
+		t.Fatalf("%d events left, want 3000", c)
+	}
+	if es := mustListEvents(t, s, ""); !es[0].Time.Equal(t0.Add(12_000 * time.Second)) {
+		t.Errorf("newest left %v", es[0].Time)
+	}
+	if n, _ := s.PruneEvents(ctx, t0, 3000); n != 0 {
+		t.Errorf("pruning again deleted %d", n)
 	}
 }
