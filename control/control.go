@@ -31,6 +31,10 @@ type Node struct {
 	Labels map[string]string
 	// TokenID is the join token the node enrolled with.
 	TokenID string
+	// EnrollKey is the SHA-256 of the public key the node enrolled with (its
+	// SubjectPublicKeyInfo); no key enrolls twice. Nil for nodes enrolled
+	// before it was recorded.
+	EnrollKey []byte
 	// CertSerial is the serial (lowercase hex) of the node's current certificate.
 	CertSerial string
 	// NextCertSerial is the serial of a renewed certificate the node has not

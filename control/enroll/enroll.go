@@ -6,12 +6,14 @@ package enroll
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"regexp"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/llorch/llorch/certs"
@@ -32,8 +34,10 @@ type Store interface {
 	GetToken(ctx context.Context, id string) (control.JoinToken, error)
 	// EnrollNode claims one use of the token and records the node in one
 	// transaction; it returns ErrTokenUnknown, ErrTokenRevoked,
-	// ErrTokenExpired or ErrTokenUsed when the claim fails, writing nothing.
-	EnrollNode(ctx context.Context, tokenID string, secretHash []byte, now time.Time, node control.Node) error
+	// ErrTokenExpired or ErrTokenUsed when the claim fails, and
+	// ErrKeyEnrolled when node.EnrollKey enrolled before, writing nothing.
+	// It calls sign inside the transaction once the claim has succeeded.
+	EnrollNode(ctx context.Context, tokenID string, secretHash []byte, now time.Time, node control.Node, sign func(*control.Node) error) error
 	// RecordRenewal stores newSerial as the node's next certificate if
 	// presentedSerial is its current one (ErrNotCurrentCert, ErrNodeRemoved).
 	RecordRenewal(ctx context.Context, nodeID, presentedSerial, newSerial string, notAfter, now time.Time) error
@@ -61,6 +65,7 @@ type Service struct {
 	signer Signer
 	clock  clock.Clock
 	log    *slog.Logger
+	signed atomic.Int64
 }
 
 // New returns a Service.
@@ -194,27 +199,40 @@ func (s *Service) Enroll(ctx context.Context, token string, csrDER []byte, hostn
 	if err != nil {
 		return Enrollment{}, err
 	}
-	chain, err := s.signer.SignNode(ctx, csr, nodeID)
-	if err != nil {
-		return Enrollment{}, fmt.Errorf("sign node certificate: %w", err)
-	}
-	leaf := chain[0]
+	key := sha256.Sum256(csr.RawSubjectPublicKeyInfo)
 	node := control.Node{
-		ID:           nodeID,
-		Name:         nodeName(stored.Name, hostname, nodeID),
-		Status:       control.StatusEnrolled,
-		Labels:       stored.Labels,
-		TokenID:      stored.ID,
-		CertSerial:   certs.SerialHex(leaf),
-		CertNotAfter: leaf.NotAfter,
-		EnrolledAt:   now,
+		ID:         nodeID,
+		Name:       nodeName(stored.Name, hostname, nodeID),
+		Status:     control.StatusEnrolled,
+		Labels:     stored.Labels,
+		TokenID:    stored.ID,
+		EnrollKey:  key[:],
+		EnrolledAt: now,
 	}
-	if err := s.store.EnrollNode(ctx, jt.ID, jt.SecretHash(), now, node); err != nil {
+	// Signed inside the claim's transaction: an enrollment that loses the
+	// race for the token's last use, or brings a key that enrolled before,
+	// costs no signature.
+	var chain []*x509.Certificate
+	sign := func(n *control.Node) error {
+		var err error
+		if chain, err = s.signer.SignNode(ctx, csr, nodeID); err != nil {
+			return fmt.Errorf("sign node certificate: %w", err)
+		}
+		n.CertSerial, n.CertNotAfter = certs.SerialHex(chain[0]), chain[0].NotAfter
+		s.signed.Add(1)
+		return nil
+	}
+	if err := s.store.EnrollNode(ctx, jt.ID, jt.SecretHash(), now, node, sign); err != nil {
 		return Enrollment{}, err
 	}
+	node.CertSerial, node.CertNotAfter = certs.SerialHex(chain[0]), chain[0].NotAfter
 	s.log.InfoContext(ctx, "node enrolled", "node_id", node.ID, "name", node.Name, "token_id", jt.ID, "serial", node.CertSerial)
 	return Enrollment{Node: node, Chain: chain}, nil
 }
+
+// Signed is how many node certificates enrollment has signed, for tests
+// and benchmarks that count the work refused enrollments did not do.
+func (s *Service) Signed() int64 { return s.signed.Load() }
 
 // nodeName is the token's name, else the edge's hostname if it is a usable
 // name, else the node ID.

@@ -251,3 +251,61 @@ func BenchmarkEnrollParallel(b *testing.B) {
 	})
 	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "enrollments/s")
 }
+
+// Racers for a token's last use sign nothing but the winner's certificate:
+// the claim comes first, and signing happens inside its transaction.
+func TestLosingRacersSpendNoSignature(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	_, token, _ := e.svc.CreateToken(ctx, enroll.TokenOptions{MaxUses: 3})
+	const racers = 20
+	errs := make(chan error, racers)
+	for range racers {
+		go func() {
+			_, err := e.svc.Enroll(ctx, token, newCSR(t), "h")
+			errs <- err
+		}()
+	}
+	won := 0
+	for range racers {
+		err := <-errs
+		switch {
+		case err == nil:
+			won++
+		case !errors.Is(err, control.ErrTokenUsed):
+			t.Errorf("a losing racer: %v, want ErrTokenUsed", err)
+		}
+	}
+	if won != 3 || e.svc.Signed() != 3 {
+		t.Errorf("%d enrollments won, %d certificates signed; want 3 and 3", won, e.svc.Signed())
+	}
+}
+
+// A multi-use token does not enroll the same public key twice (nor does any
+// other token): each enrollment needs a fresh key, and the second costs no
+// signature and no use of the token.
+func TestKeyEnrollsOnce(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	tok, token, _ := e.svc.CreateToken(ctx, enroll.TokenOptions{MaxUses: 5})
+	_, another, _ := e.svc.CreateToken(ctx, enroll.TokenOptions{})
+	csr := newCSR(t)
+	if _, err := e.svc.Enroll(ctx, token, csr, "h"); err != nil {
+		t.Fatal(err)
+	}
+	for _, tk := range []string{token, another} {
+		if _, err := e.svc.Enroll(ctx, tk, csr, "h"); !errors.Is(err, control.ErrKeyEnrolled) {
+			t.Errorf("the same key again: %v, want ErrKeyEnrolled", err)
+		}
+	}
+	if e.svc.Signed() != 1 {
+		t.Errorf("%d certificates signed, want 1", e.svc.Signed())
+	}
+	stored, _ := e.store.GetToken(ctx, tok.ID)
+	if stored.Uses != 1 {
+		t.Errorf("the token was used %d times, want 1", stored.Uses)
+	}
+	if _, err := e.svc.Enroll(ctx, token, newCSR(t), "h"); err != nil {
+		t.Errorf("a fresh key with the same token: %v", err)
+	}
+}

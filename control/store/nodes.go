@@ -11,30 +11,37 @@ import (
 )
 
 const nodeColumns = `id, name, status, labels, token_id, cert_serial, next_cert_serial, cert_not_after,
-	enrolled_at, last_seen, draining, removed_at, status_reason`
+	enrolled_at, last_seen, draining, removed_at, status_reason, enroll_key_sha256`
 
 // EnrollNode claims one use of the token and records the node, in one
 // transaction. The token must exist, its stored hash equal secretHash, and it
 // must be unrevoked, unexpired at now and not used up; otherwise the error
 // wraps control.ErrTokenUnknown (no such token, or the hash differs),
 // ErrTokenRevoked, ErrTokenExpired or ErrTokenUsed, checked in that order, and
-// nothing is written.
+// nothing is written. A node.EnrollKey that enrolled a node before is
+// control.ErrKeyEnrolled.
 //
-// The node row takes node's ID, Name, Labels, CertSerial and CertNotAfter;
-// Status defaults to control.StatusEnrolled; TokenID is tokenID and
-// EnrolledAt is now. The node needs an ID, a serial and a not-after
-// (control.ErrInvalidArgument otherwise).
-func (s *Store) EnrollNode(ctx context.Context, tokenID string, secretHash []byte, now time.Time, node control.Node) error {
-	err := s.write(ctx, func(tx *sql.Tx) error { return enrollNodeTx(ctx, tx, tokenID, secretHash, now, node) })
+// sign, when not nil, makes the node's certificate and fills in its
+// CertSerial and CertNotAfter. It is called inside the transaction, after
+// the claim and the key check have succeeded, so an enrollment that is
+// refused, or loses a race for the token's last use, signs nothing. If it
+// fails, nothing is written.
+//
+// The node row takes node's ID, Name, Labels, EnrollKey, CertSerial and
+// CertNotAfter; Status defaults to control.StatusEnrolled; TokenID is
+// tokenID and EnrolledAt is now. The node needs an ID, a serial and a
+// not-after (control.ErrInvalidArgument otherwise).
+func (s *Store) EnrollNode(ctx context.Context, tokenID string, secretHash []byte, now time.Time, node control.Node, sign func(*control.Node) error) error {
+	err := s.write(ctx, func(tx *sql.Tx) error { return enrollNodeTx(ctx, tx, tokenID, secretHash, now, node, sign) })
 	if err != nil {
 		return fmt.Errorf("enroll node: %w", err)
 	}
 	return nil
 }
 
-func enrollNodeTx(ctx context.Context, tx *sql.Tx, tokenID string, secretHash []byte, now time.Time, node control.Node) error {
-	if node.ID == "" || node.CertSerial == "" || node.CertNotAfter.IsZero() || now.IsZero() {
-		return fmt.Errorf("node needs an ID, a certificate serial and not-after, and a time: %w", control.ErrInvalidArgument)
+func enrollNodeTx(ctx context.Context, tx *sql.Tx, tokenID string, secretHash []byte, now time.Time, node control.Node, sign func(*control.Node) error) error {
+	if node.ID == "" || now.IsZero() {
+		return fmt.Errorf("node needs an ID, and a time: %w", control.ErrInvalidArgument)
 	}
 	// The claim: a single conditional UPDATE, so concurrent enrollments can
 	// never use a token more than max_uses times.
@@ -51,7 +58,24 @@ func enrollNodeTx(ctx context.Context, tx *sql.Tx, tokenID string, secretHash []
 	if n == 0 {
 		return claimError(ctx, tx, tokenID, secretHash, now)
 	}
-
+	if node.EnrollKey != nil {
+		var other string
+		err := tx.QueryRowContext(ctx, `SELECT id FROM nodes WHERE enroll_key_sha256 = ?`, node.EnrollKey).Scan(&other)
+		switch {
+		case err == nil:
+			return fmt.Errorf("%w (node %s)", control.ErrKeyEnrolled, other)
+		case !errors.Is(err, sql.ErrNoRows):
+			return err
+		}
+	}
+	if sign != nil {
+		if err := sign(&node); err != nil {
+			return err
+		}
+	}
+	if node.CertSerial == "" || node.CertNotAfter.IsZero() {
+		return fmt.Errorf("node needs a certificate serial and not-after: %w", control.ErrInvalidArgument)
+	}
 	if node.Status == "" {
 		node.Status = control.StatusEnrolled
 	}
@@ -59,9 +83,9 @@ func enrollNodeTx(ctx context.Context, tx *sql.Tx, tokenID string, secretHash []
 	if err != nil {
 		return err
 	}
-	if _, err := tx.ExecContext(ctx, `INSERT INTO nodes (id, name, status, labels, token_id, cert_serial, cert_not_after, enrolled_at)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
-		node.ID, node.Name, node.Status, labels, tokenID, node.CertSerial, nanos(node.CertNotAfter), nanos(now)); err != nil {
+	if _, err := tx.ExecContext(ctx, `INSERT INTO nodes (id, name, status, labels, token_id, cert_serial, cert_not_after, enrolled_at, enroll_key_sha256)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		node.ID, node.Name, node.Status, labels, tokenID, node.CertSerial, nanos(node.CertNotAfter), nanos(now), node.EnrollKey); err != nil {
 		return err
 	}
 	_, err = addEventTx(ctx, tx, control.Event{Time: now, NodeID: node.ID, Kind: control.EventEnrolled, Reason: "enrolled with token " + tokenID})
@@ -272,7 +296,7 @@ func scanNode(row scanner) (control.Node, error) {
 		notAfter, enrolledAt, lastSeen, removedAt sql.NullInt64
 	)
 	if err := row.Scan(&n.ID, &n.Name, &n.Status, &labels, &n.TokenID, &n.CertSerial, &next, &notAfter,
-		&enrolledAt, &lastSeen, &n.Draining, &removedAt, &n.StatusReason); err != nil {
+		&enrolledAt, &lastSeen, &n.Draining, &removedAt, &n.StatusReason, &n.EnrollKey); err != nil {
 		return control.Node{}, err
 	}
 	var err error
