@@ -17,6 +17,7 @@ import (
 	"github.com/llorch/llorch/control/server"
 	"github.com/llorch/llorch/internal/apitoken"
 	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
+	"github.com/llorch/llorch/internal/private"
 )
 
 // target says how admin commands reach a control plane: the local socket in
@@ -39,6 +40,11 @@ func (t *target) adminClient() (llorchv1connect.AdminServiceClient, error) {
 		sock := server.SocketPath(t.dataDir)
 		if _, err := os.Stat(sock); err != nil {
 			return nil, fmt.Errorf("no control plane is running with data directory %s (no socket %s): start one with `control serve --data %s`, or use --server", t.dataDir, sock, t.dataDir)
+		}
+		// Whoever owns the socket gets our commands and is believed: it
+		// must be the control plane's, not one planted beside it.
+		if err := private.Socket(sock); err != nil {
+			return nil, err
 		}
 		hc := &http.Client{Transport: &http.Transport{
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {

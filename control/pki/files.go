@@ -21,6 +21,8 @@ import (
 	"time"
 
 	"github.com/llorch/llorch/certs"
+	"github.com/llorch/llorch/internal/atomicfile"
+	"github.com/llorch/llorch/internal/private"
 )
 
 // The files in Config.Dir. A certificate is written after its key, so a
@@ -66,8 +68,13 @@ func intermediateSubject(td string, pub *ecdsa.PublicKey) pkix.Name {
 // certificate, creating or replacing what is missing or due.
 func (a *Authority) loadOrCreate(ctx context.Context) error {
 	dir := a.cfg.Dir
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create directory: %w", err)
+	if _, err := private.Dir(dir, false); err != nil {
+		return err
+	}
+	for _, f := range []string{rootKeyFile, interKeyFile, serverKeyFile, ticketKeysFile} {
+		if err := private.File(filepath.Join(dir, f)); err != nil {
+			return err
+		}
 	}
 	now := a.cfg.Clock.Now()
 	log := a.cfg.Logger
@@ -329,49 +336,8 @@ func (a *Authority) writePair(certFile, keyFile string, chain []*x509.Certificat
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(a.cfg.Dir, keyFile, keyPEM, 0o600); err != nil {
+	if err := atomicfile.Write(filepath.Join(a.cfg.Dir, keyFile), keyPEM, 0o600); err != nil {
 		return err
 	}
-	return writeFileAtomic(a.cfg.Dir, certFile, certs.EncodeCertsPEM(chain), 0o644)
-}
-
-// writeFileAtomic replaces dir/name with data: a temporary file in the same
-// directory, written and synced, renamed over the old one, then the
-// directory synced. Readers see the old file or the new one, never a part.
-func writeFileAtomic(dir, name string, data []byte, perm os.FileMode) (err error) {
-	f, err := os.CreateTemp(dir, "."+name+".tmp*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", name, err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			_ = f.Close()
-			_ = os.Remove(tmp)
-		}
-	}()
-	if err = f.Chmod(perm); err != nil {
-		return fmt.Errorf("write %s: %w", name, err)
-	}
-	if _, err = f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", name, err)
-	}
-	if err = f.Sync(); err != nil {
-		return fmt.Errorf("write %s: %w", name, err)
-	}
-	if err = f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", name, err)
-	}
-	if err = os.Rename(tmp, filepath.Join(dir, name)); err != nil {
-		return fmt.Errorf("write %s: %w", name, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("write %s: sync directory: %w", name, err)
-	}
-	defer d.Close()
-	if err = d.Sync(); err != nil {
-		return fmt.Errorf("write %s: sync directory: %w", name, err)
-	}
-	return nil
+	return atomicfile.Write(filepath.Join(a.cfg.Dir, certFile), certs.EncodeCertsPEM(chain), 0o644)
 }

@@ -122,7 +122,7 @@ func TestOpenCreatesFilesWithModes(t *testing.T) {
 }
 
 func TestReopenLoadsSameCA(t *testing.T) {
-	dir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "ca")
 	a := openCA(t, pki.Config{Dir: dir})
 	fp, inter, server := a.Fingerprint(), a.Intermediate(), serverLeaf(t, a)
 	if err := a.Close(); err != nil {
@@ -145,7 +145,7 @@ func TestReopenLoadsSameCA(t *testing.T) {
 }
 
 func TestFingerprint(t *testing.T) {
-	a := openCA(t, pki.Config{Dir: t.TempDir()})
+	a := openCA(t, pki.Config{Dir: filepath.Join(t.TempDir(), "ca")})
 	sum := sha256.Sum256(a.Root().Raw)
 	if want := "sha256:" + hex.EncodeToString(sum[:]); a.Fingerprint() != want {
 		t.Errorf("Fingerprint() = %s, want %s", a.Fingerprint(), want)
@@ -153,7 +153,7 @@ func TestFingerprint(t *testing.T) {
 }
 
 func TestChangedSANsReissueServerCert(t *testing.T) {
-	dir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "ca")
 	a := openCA(t, pki.Config{Dir: dir, SANs: []string{"localhost"}})
 	old := serverLeaf(t, a)
 	_ = a.Close()
@@ -176,7 +176,7 @@ func TestChangedSANsReissueServerCert(t *testing.T) {
 }
 
 func TestOtherTrustDomainFails(t *testing.T) {
-	dir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "ca")
 	a := openCA(t, pki.Config{Dir: dir, TrustDomain: "one.test"})
 	_ = a.Close()
 
@@ -191,7 +191,7 @@ func TestOtherTrustDomainFails(t *testing.T) {
 }
 
 func TestMissingRootKeyFails(t *testing.T) {
-	dir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "ca")
 	a := openCA(t, pki.Config{Dir: dir})
 	_ = a.Close()
 	if err := os.Remove(filepath.Join(dir, "root.key")); err != nil {
@@ -206,7 +206,7 @@ func TestMissingRootKeyFails(t *testing.T) {
 }
 
 func TestCALifetimesAndChain(t *testing.T) {
-	a := openCA(t, pki.Config{Dir: t.TempDir()})
+	a := openCA(t, pki.Config{Dir: filepath.Join(t.TempDir(), "ca")})
 	root, inter := a.Root(), a.Intermediate()
 	const day = 24 * time.Hour
 	within := func(d, want time.Duration) bool { return d > want-2*day && d < want+2*day }
@@ -237,7 +237,7 @@ func TestCALifetimesAndChain(t *testing.T) {
 }
 
 func TestServerCertVerifies(t *testing.T) {
-	a := openCA(t, pki.Config{Dir: t.TempDir()})
+	a := openCA(t, pki.Config{Dir: filepath.Join(t.TempDir(), "ca")})
 	c, err := a.GetCertificate(&tls.ClientHelloInfo{})
 	if err != nil {
 		t.Fatal(err)
@@ -268,7 +268,7 @@ func TestServerCertVerifies(t *testing.T) {
 // a node that has the root, and as an enrolling edge that only pins the root
 // fingerprint (which needs the root in the presented chain).
 func TestTLSHandshake(t *testing.T) {
-	a := openCA(t, pki.Config{Dir: t.TempDir()})
+	a := openCA(t, pki.Config{Dir: filepath.Join(t.TempDir(), "ca")})
 	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{GetCertificate: a.GetCertificate, MinVersion: tls.VersionTLS13})
 	if err != nil {
 		t.Fatal(err)
@@ -304,7 +304,7 @@ func TestTLSHandshake(t *testing.T) {
 }
 
 func TestServerCertRenewal(t *testing.T) {
-	dir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "ca")
 	fake := clock.NewFake(time.Now())
 	a := openCA(t, pki.Config{Dir: dir, Clock: fake})
 	first := serverLeaf(t, a)
@@ -339,7 +339,7 @@ func TestServerCertRenewal(t *testing.T) {
 }
 
 func TestIntermediateRotatedWhenDue(t *testing.T) {
-	dir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "ca")
 	fake := clock.NewFake(time.Now())
 	a := openCA(t, pki.Config{Dir: dir, Clock: fake})
 	oldInter := a.Intermediate()
@@ -366,7 +366,7 @@ func TestIntermediateRotatedWhenDue(t *testing.T) {
 // versions) is replaced at Open: an edge takes a subject it knows for its
 // own issuer.
 func TestIntermediateWithoutKeyInSubjectReplaced(t *testing.T) {
-	dir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "ca")
 	a := openCA(t, pki.Config{Dir: dir})
 	root := a.Root()
 	_ = a.Close()
@@ -427,14 +427,14 @@ func TestIntermediateWithoutKeyInSubjectReplaced(t *testing.T) {
 // verifies from its leaf alone, and one under an earlier intermediate
 // verifies through its chain to the root.
 func TestClientCAs(t *testing.T) {
-	a := openCA(t, pki.Config{Dir: t.TempDir()})
+	a := openCA(t, pki.Config{Dir: filepath.Join(t.TempDir(), "ca")})
 	pool := a.ClientCAs()
 	usage := []x509.ExtKeyUsage{x509.ExtKeyUsageAny}
 	leaf := serverLeaf(t, a) // signed by the intermediate, as node certificates are
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: usage}); err != nil {
 		t.Errorf("a leaf of the current intermediate does not verify alone: %v", err)
 	}
-	other := openCA(t, pki.Config{Dir: t.TempDir()})
+	other := openCA(t, pki.Config{Dir: filepath.Join(t.TempDir(), "ca")})
 	if _, err := serverLeaf(t, other).Verify(x509.VerifyOptions{Roots: pool, KeyUsages: usage}); err == nil {
 		t.Error("another CA's leaf verifies against ClientCAs")
 	}
@@ -446,7 +446,7 @@ func TestClientCAs(t *testing.T) {
 }
 
 func TestNodeIDFromSPIFFE(t *testing.T) {
-	a := openCA(t, pki.Config{Dir: t.TempDir()})
+	a := openCA(t, pki.Config{Dir: filepath.Join(t.TempDir(), "ca")})
 	if got := a.SPIFFEID("node-1"); got != "spiffe://"+testTD+"/node/node-1" {
 		t.Fatalf("SPIFFEID = %q", got)
 	}
@@ -508,7 +508,7 @@ func TestConfigValidate(t *testing.T) {
 			}
 		})
 	}
-	if _, err := pki.Open(context.Background(), pki.Config{Dir: t.TempDir(), TrustDomain: "BAD"}); err == nil {
+	if _, err := pki.Open(context.Background(), pki.Config{Dir: filepath.Join(t.TempDir(), "ca"), TrustDomain: "BAD"}); err == nil {
 		t.Error("Open accepted an invalid config")
 	}
 }
@@ -516,7 +516,7 @@ func TestConfigValidate(t *testing.T) {
 // TestNewRootReplacesLeftovers: with root.crt gone, Open makes a new CA even
 // if an old intermediate and server certificate are still there.
 func TestNewRootReplacesLeftovers(t *testing.T) {
-	dir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "ca")
 	a := openCA(t, pki.Config{Dir: dir})
 	_ = a.Close()
 	for _, f := range []string{"root.crt", "root.key"} {
@@ -537,7 +537,7 @@ func TestNewRootReplacesLeftovers(t *testing.T) {
 }
 
 func TestTicketKeys(t *testing.T) {
-	dir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "ca")
 	fake := clock.NewFake(time.Now())
 	ctx := context.Background()
 	a := openCA(t, pki.Config{Dir: dir, Clock: fake})

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
@@ -119,7 +120,7 @@ func checkNodeCert(t *testing.T, a *pki.Authority, chain []*x509.Certificate, cs
 func TestSignNode(t *testing.T) {
 	for _, lifetime := range []time.Duration{0, pki.MinNodeCertLifetime, time.Hour, pki.MaxNodeCertLifetime} {
 		t.Run(fmt.Sprint(lifetime), func(t *testing.T) {
-			a := openCA(t, pki.Config{Dir: t.TempDir(), NodeCertLifetime: lifetime})
+			a := openCA(t, pki.Config{Dir: filepath.Join(t.TempDir(), "ca"), NodeCertLifetime: lifetime})
 			want := lifetime
 			if want == 0 {
 				want = pki.DefaultNodeCertLifetime
@@ -138,7 +139,7 @@ func TestSignNode(t *testing.T) {
 // TestSignNodeChoosesIdentity: names in the request never reach the
 // certificate.
 func TestSignNodeChoosesIdentity(t *testing.T) {
-	a := openCA(t, pki.Config{Dir: t.TempDir()})
+	a := openCA(t, pki.Config{Dir: filepath.Join(t.TempDir(), "ca")})
 	other, _ := url.Parse(a.SPIFFEID("other-node"))
 	for _, tc := range []struct {
 		name string
@@ -170,7 +171,7 @@ func TestSignNodeChoosesIdentity(t *testing.T) {
 }
 
 func TestSignNodeRejects(t *testing.T) {
-	a := openCA(t, pki.Config{Dir: t.TempDir()})
+	a := openCA(t, pki.Config{Dir: filepath.Join(t.TempDir(), "ca")})
 	csr := edgeCSR(t)
 	for _, id := range []string{"", "Node-1", "a/b", "..", "node 1", "x/node/y"} {
 		if _, err := a.SignNode(context.Background(), csr, id); !errors.Is(err, control.ErrInvalidArgument) {
@@ -199,7 +200,7 @@ func TestSignNodeRejects(t *testing.T) {
 }
 
 func TestSignNodeConcurrent(t *testing.T) {
-	a := openCA(t, pki.Config{Dir: t.TempDir()})
+	a := openCA(t, pki.Config{Dir: filepath.Join(t.TempDir(), "ca")})
 	const n = 32
 	var (
 		wg      sync.WaitGroup
@@ -227,7 +228,7 @@ func TestSignNodeConcurrent(t *testing.T) {
 // TestSignNodeAfterReopen: the provisioner key is made at each Open, so a
 // reopened CA signs too.
 func TestSignNodeAfterReopen(t *testing.T) {
-	dir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "ca")
 	a := openCA(t, pki.Config{Dir: dir})
 	if _, err := a.SignNode(context.Background(), edgeCSR(t), "node-1"); err != nil {
 		t.Fatal(err)

@@ -13,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/llorch/llorch/internal/atomicfile"
 )
 
 // TLS session tickets let an edge that reconnects after a control-plane
@@ -60,7 +62,7 @@ func (a *Authority) TicketKeys(ctx context.Context) [][32]byte {
 		}
 		a.tickets = append([]ticketKey{k}, a.tickets...)
 		a.tickets = keepTicketKeys(a.tickets, now)
-		if err := writeFileAtomic(a.cfg.Dir, ticketKeysFile, encodeTicketKeys(a.tickets), 0o600); err != nil {
+		if err := atomicfile.Write(filepath.Join(a.cfg.Dir, ticketKeysFile), encodeTicketKeys(a.tickets), 0o600); err != nil {
 			a.cfg.Logger.ErrorContext(ctx, "cannot store the new session ticket key; edges will do full handshakes after the next restart", "err", err)
 		}
 	}

@@ -111,8 +111,8 @@ func (l Limits) Validate() error {
 
 // withDefaults fills in the zero caps and timeouts, and the node session
 // limit from the heartbeat interval, and lowers MaxConns to what the file
-// limit allows (returned as a warning when it had to).
-func (l Limits) withDefaults(heartbeat time.Duration) (Limits, string) {
+// limit allows (saying so in note when it had to).
+func (l Limits) withDefaults(heartbeat time.Duration) (_ Limits, note string) {
 	def := DefaultLimits()
 	if l.MaxConns == 0 {
 		l.MaxConns = def.MaxConns
@@ -138,17 +138,16 @@ func (l Limits) withDefaults(heartbeat time.Duration) (Limits, string) {
 	if l.NodeSessions.Rate == 0 {
 		l.NodeSessions = ratelimit.Every(heartbeat, 10)
 	}
-	var warning string
 	var rl syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err == nil && rl.Cur < math.MaxInt32 {
 		if room := int(rl.Cur) - FDReserve; room < l.MaxConns {
-			warning = fmt.Sprintf("the file limit (%d) allows %d connections on the public port, not %d: raise it (ulimit -n, systemd LimitNOFILE) for a larger fleet", rl.Cur, max(room, 1), l.MaxConns)
+			note = fmt.Sprintf("the file limit (%d) allows %d connections on the public port, not %d; raise it (ulimit -n, systemd LimitNOFILE) for a larger fleet", rl.Cur, max(room, 1), l.MaxConns)
 			l.MaxConns = max(room, 1)
 		}
 	}
 	l.MaxUnauthenticatedConns = min(l.MaxUnauthenticatedConns, l.MaxConns)
 	l.MaxUnauthenticatedConnsPerAddr = min(l.MaxUnauthenticatedConnsPerAddr, l.MaxUnauthenticatedConns)
-	return l, warning
+	return l, note
 }
 
 // MinAPITokenBits is the least an API token must carry.

@@ -37,6 +37,7 @@ import (
 	"github.com/llorch/llorch/control/store"
 	"github.com/llorch/llorch/internal/clock"
 	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
+	"github.com/llorch/llorch/internal/private"
 	"github.com/llorch/llorch/internal/refusal"
 )
 
@@ -65,9 +66,12 @@ type Server struct {
 	local    net.Listener
 	port     *publicPort
 	localSrv *http.Server
-	limits   Limits           // the configured limits with their defaults filled in
-	failures *ratelimit.Keyed // refused credentials per source address
-	refusals *ratelimit.Log   // refused credentials and connections, logged without flooding
+	limits   Limits // the configured limits with their defaults filled in
+	// limitsNote says why the limits differ from those configured (the file
+	// limit), for the start's log.
+	limitsNote string
+	failures   *ratelimit.Keyed // refused credentials per source address
+	refusals   *ratelimit.Log   // refused credentials and connections, logged without flooding
 }
 
 // New opens the data directory (creating the store and the CA on first
@@ -86,15 +90,11 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		cfg.NodeCertLifetime = DefaultNodeCertLifetime
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger}
-	var warning string
 	heartbeat := cfg.HeartbeatInterval
 	if heartbeat == 0 {
 		heartbeat = registry.DefaultHeartbeatInterval
 	}
-	s.limits, warning = cfg.Limits.withDefaults(heartbeat)
-	if warning != "" {
-		s.log.Warn(warning)
-	}
+	s.limits, s.limitsNote = cfg.Limits.withDefaults(heartbeat)
 	s.failures = ratelimit.NewKeyed(s.limits.AuthFailures, 0, cfg.Clock)
 	s.refusals = ratelimit.NewLog(cfg.Logger.With("component", "security"), ratelimit.Limit{}, cfg.Clock)
 	if err := s.open(ctx); err != nil {
@@ -106,8 +106,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 
 func (s *Server) open(ctx context.Context) (err error) {
 	cfg := s.cfg
-	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+	was, err := private.Dir(cfg.DataDir, true)
+	if err != nil {
 		return fmt.Errorf("data directory: %w", err)
+	}
+	if was != 0 {
+		s.log.Warn("made the data directory private", "dir", cfg.DataDir, "mode_was", fmt.Sprintf("%04o", was))
 	}
 	if s.lock, err = lockDataDir(cfg.DataDir); err != nil {
 		return err
@@ -365,7 +369,11 @@ func (s *Server) Run(ctx context.Context) error {
 	if s.cfg.TuneGC {
 		helpers.Go(func() { newGCTuner(s.port.handshakes.Load, s.log).run(helpersCtx) })
 	}
-	s.log.Info("control plane serving", "listen", s.public.Addr().String(), "socket", SocketPath(s.cfg.DataDir), "ca_fingerprint", s.ca.Fingerprint(), "trust_domain", s.ca.TrustDomain())
+	s.log.Info("control plane serving", "listen", s.public.Addr().String(), "socket", SocketPath(s.cfg.DataDir), "ca_fingerprint", s.ca.Fingerprint(), "trust_domain", s.ca.TrustDomain(),
+		"max_conns", s.limits.MaxConns, "max_unauthenticated_conns", s.limits.MaxUnauthenticatedConns, "per_addr", s.limits.MaxUnauthenticatedConnsPerAddr)
+	if s.limitsNote != "" {
+		s.log.Info(s.limitsNote)
+	}
 	var err error
 	select {
 	case <-ctx.Done():

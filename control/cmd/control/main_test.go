@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -251,4 +252,69 @@ func logOnFailure(tb testing.TB, name string) *syncBuffer {
 		}
 	})
 	return b
+}
+
+// A data directory or CA that others can write to, or a key others can
+// read, makes `control serve` refuse to start with one clear line; a data
+// directory others can only read is made private.
+func TestServeRefusesUnsafeFiles(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "data")
+	srv, _ := serve(t, data)
+	srv.Process.Signal(syscall.SIGTERM)
+	srv.Wait()
+	ca := filepath.Join(data, "ca")
+	tests := []struct {
+		name  string
+		plant func()
+		undo  func()
+		want  string
+	}{
+		{"world-writable CA directory", func() { os.Chmod(ca, 0o777) }, func() { os.Chmod(ca, 0o700) }, ca + " is writable by other users (mode 0777)"},
+		{"group-readable CA directory", func() { os.Chmod(ca, 0o750) }, func() { os.Chmod(ca, 0o700) }, ca + " is readable by other users"},
+		{"world-readable root key", func() { os.Chmod(filepath.Join(ca, "root.key"), 0o644) }, func() { os.Chmod(filepath.Join(ca, "root.key"), 0o600) }, "root.key is accessible to other users (mode 0644)"},
+		{"readable ticket keys", func() { os.Chmod(filepath.Join(ca, "session-ticket.keys"), 0o640) }, func() { os.Chmod(filepath.Join(ca, "session-ticket.keys"), 0o600) }, "session-ticket.keys is accessible to other users"},
+		{"world-writable data directory", func() { os.Chmod(data, 0o777) }, func() { os.Chmod(data, 0o700) }, data + " is writable by other users"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.plant()
+			defer tt.undo()
+			r := run(t, "control", "serve", "--data", data, "--listen", "127.0.0.1:0")
+			if r.code == 0 || !strings.Contains(r.stderr, tt.want) {
+				t.Fatalf("exit %d, stderr %q; want a refusal saying %q", r.code, r.stderr, tt.want)
+			}
+			oneLine(t, "the refusal", r.stderr)
+		})
+	}
+	// A data directory others may only read (a `mkdir` under umask 022) is
+	// made 0700, and the control plane starts.
+	os.Chmod(data, 0o755)
+	srv, _ = serve(t, data)
+	srv.Process.Signal(syscall.SIGTERM)
+	srv.Wait()
+	if fi, _ := os.Stat(data); fi.Mode().Perm() != 0o700 {
+		t.Errorf("data directory left at mode %o", fi.Mode().Perm())
+	}
+}
+
+// The admin CLI talks only to a socket of its own user: a socket planted
+// by another user in the data directory gets no commands (they could carry
+// join tokens back to whoever planted it).
+func TestCLIRefusesAnotherUsersSocket(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("planting another user's socket needs root to chown it")
+	}
+	data := t.TempDir()
+	os.Chmod(data, 0o700)
+	l, err := net.Listen("unix", filepath.Join(data, "control.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	os.Chown(filepath.Join(data, "control.sock"), 12345, 12345)
+	r := run(t, "control", "token", "create", "--data", data)
+	if r.code == 0 || !strings.Contains(r.stderr, "owned by uid 12345") {
+		t.Fatalf("exit %d, stderr %q: want a refusal naming the socket's owner", r.code, r.stderr)
+	}
+	oneLine(t, "the refusal", r.stderr)
 }

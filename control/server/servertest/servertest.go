@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -37,9 +38,8 @@ func (s *Server) Stop() { s.stop() }
 func Start(tb testing.TB, edit func(*server.Config)) *Server {
 	tb.Helper()
 	cfg := server.DefaultConfig()
-	cfg.DataDir = tb.TempDir()
+	cfg.DataDir = filepath.Join(tb.TempDir(), "data") // made 0700 by the server, as a new one is
 	cfg.Listen = "127.0.0.1:0"
-	cfg.Limits.MaxConns = 1000 // under this machine's file limit, so the start does not warn
 	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{tb}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	if edit != nil {
 		edit(&cfg)
