@@ -67,7 +67,16 @@ func (t *target) adminClient() (llorchv1connect.AdminServiceClient, error) {
 		return nil, errors.New("--server needs an API token in LLORCH_API_TOKEN")
 	}
 	tlsCfg := certs.PinnedTLSConfig(t.caFingerprint, u.Hostname())
-	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsCfg, ForceAttemptHTTP2: true}}
+	// No deadline on the whole call: `node events --follow` streams for as
+	// long as it runs. A control plane that does not answer is caught by
+	// the dial, handshake and response-header timeouts.
+	hc := &http.Client{Transport: &http.Transport{
+		TLSClientConfig:       tlsCfg,
+		ForceAttemptHTTP2:     true,
+		DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ResponseHeaderTimeout: 30 * time.Second,
+	}}
 	return llorchv1connect.NewAdminServiceClient(hc, t.server, connect.WithInterceptors(apitoken.Interceptor(token))), nil
 }
 

@@ -231,3 +231,45 @@ func TestRemoteAdmin(t *testing.T) {
 		}
 	}
 }
+
+// `node events --follow` against a remote control plane keeps streaming for
+// longer than any of the client's or the server's timeouts (30 s).
+func TestRemoteFollowOutlivesTimeouts(t *testing.T) {
+	t.Parallel()
+	const token = "b1e3c7a90d5f42e6a8c19d07f3b5e2a4"
+	data := filepath.Join(t.TempDir(), "data")
+	cmd := exec.Command(filepath.Join(bin, "control"), "serve", "--data", data, "--listen", "127.0.0.1:0",
+		"--idle-timeout", "2s", "--body-timeout", "2s")
+	cmd.Env = append(os.Environ(), "LLORCH_API_TOKEN="+token)
+	url := startServeEnv(t, cmd)
+	fp := oneLine(t, "ca show", run(t, "control", "ca", "show", "--data", data).stdout)
+	follow := exec.Command(filepath.Join(bin, "control"), "node", "events", "--follow", "--limit", "0", "--server", url, "--ca-fingerprint", fp)
+	follow.Env = append(os.Environ(), "LLORCH_API_TOKEN="+token)
+	out, err := follow.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	follow.Stderr = logOnFailure(t, "follow")
+	if err := follow.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { follow.Process.Kill(); follow.Wait() })
+	lines := make(chan string)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	time.Sleep(35 * time.Second) // what is tested is that nothing ends the stream meanwhile
+	run(t, "control", "token", "create", "--data", data, "--name", "late")
+	select {
+	case l, ok := <-lines:
+		if !ok || !strings.Contains(l, "token_created") {
+			t.Fatalf("after 35 s the follower printed %q (open: %v), want the new token's event", l, ok)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the follower printed nothing for the event recorded after 35 s")
+	}
+}
