@@ -6,10 +6,10 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
-	"path/filepath"
 	"time"
 
 	"github.com/llorch/llorch/certs"
+	"github.com/llorch/llorch/control/adminclient"
 	"github.com/llorch/llorch/control/registry"
 	"github.com/llorch/llorch/internal/clock"
 )
@@ -85,7 +85,7 @@ func DefaultConfig() Config {
 }
 
 // SocketPath is where the admin socket of a data directory lives.
-func SocketPath(dataDir string) string { return filepath.Join(dataDir, "control.sock") }
+func SocketPath(dataDir string) string { return adminclient.SocketPath(dataDir) }
 
 // Validate checks the configuration and names the bad field.
 func (c Config) Validate() error {

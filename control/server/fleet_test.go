@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -17,12 +16,12 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/llorch/llorch/certs"
+	"github.com/llorch/llorch/control/adminclient"
 	"github.com/llorch/llorch/control/server"
 	"github.com/llorch/llorch/control/server/servertest"
 	"github.com/llorch/llorch/edge/agent"
 	"github.com/llorch/llorch/edge/gpu"
 	"github.com/llorch/llorch/edge/state"
-	"github.com/llorch/llorch/internal/apitoken"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
 )
@@ -346,7 +345,7 @@ func TestWatchEventsOverGRPCWeb(t *testing.T) {
 	roots.AddCert(srv.Root())
 	// A browser speaks gRPC-web over HTTP/1.1 or HTTP/2.
 	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
-	admin := llorchv1connect.NewAdminServiceClient(hc, srv.URL(), connect.WithGRPCWeb(), connect.WithInterceptors(apitoken.Interceptor(token)))
+	admin := llorchv1connect.NewAdminServiceClient(hc, srv.URL(), connect.WithGRPCWeb(), adminclient.BearerToken(token))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	stream, err := admin.WatchEvents(ctx, connect.NewRequest(&llorchv1.WatchEventsRequest{}))
@@ -434,17 +433,7 @@ func TestRegistrationsArePaced(t *testing.T) {
 
 func metricsText(tb testing.TB, srv *servertest.Server) string {
 	tb.Helper()
-	var p http.Protocols
-	p.SetUnencryptedHTTP2(true)
-	p.SetHTTP1(true)
-	hc := &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", server.SocketPath(srv.Config.DataDir))
-		},
-		Protocols: &p,
-	}}
-	resp, err := hc.Get("http://control.sock/metrics")
+	resp, err := adminclient.SocketHTTP(srv.Config.DataDir).Get(adminclient.SocketURL + "/metrics")
 	if err != nil {
 		tb.Fatal(err)
 	}

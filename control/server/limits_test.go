@@ -23,12 +23,12 @@ import (
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/llorch/llorch/certs"
+	"github.com/llorch/llorch/control/adminclient"
 	"github.com/llorch/llorch/control/registry"
 	"github.com/llorch/llorch/control/server"
 	"github.com/llorch/llorch/control/server/servertest"
 	"github.com/llorch/llorch/edge/client"
 	"github.com/llorch/llorch/edge/state"
-	"github.com/llorch/llorch/internal/apitoken"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
 	"github.com/llorch/llorch/internal/refusal"
@@ -629,7 +629,7 @@ func (h *h2) readFrame(deadline time.Time) (http2.Frame, error) {
 }
 
 func newAdmin(hc *http.Client, url, token string) llorchv1connect.AdminServiceClient {
-	return llorchv1connect.NewAdminServiceClient(hc, url, connect.WithInterceptors(apitoken.Interceptor(token)))
+	return llorchv1connect.NewAdminServiceClient(hc, url, adminclient.BearerToken(token))
 }
 
 // nodeTLS is the TLS configuration an edge dials with as id.

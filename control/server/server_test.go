@@ -19,6 +19,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/llorch/llorch/certs"
+	"github.com/llorch/llorch/control/adminclient"
 	"github.com/llorch/llorch/control/server"
 	"github.com/llorch/llorch/control/server/servertest"
 	"github.com/llorch/llorch/edge"
@@ -26,7 +27,6 @@ import (
 	"github.com/llorch/llorch/edge/client"
 	"github.com/llorch/llorch/edge/enroll"
 	"github.com/llorch/llorch/edge/state"
-	"github.com/llorch/llorch/internal/apitoken"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
 )
@@ -323,11 +323,8 @@ func TestSmallResponsesNotCompressed(t *testing.T) {
 // The profiler answers on the admin socket only, never on the public port.
 func TestProfilerOnlyOnTheSocket(t *testing.T) {
 	srv := servertest.Start(t, func(c *server.Config) { c.APIToken = testAPIToken })
-	local := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", server.SocketPath(srv.Config.DataDir))
-	}}}
-	resp, err := local.Get("http://control.sock/debug/pprof/heap")
+	local := adminclient.SocketHTTP(srv.Config.DataDir)
+	resp, err := local.Get(adminclient.SocketURL + "/debug/pprof/heap")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -356,7 +353,7 @@ func TestAPIToken(t *testing.T) {
 	roots := x509.NewCertPool()
 	roots.AddCert(srv.Root())
 	hc := &http.Client{Transport: &http2.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
-	withToken := func(tok string) connect.ClientOption { return connect.WithInterceptors(apitoken.Interceptor(tok)) }
+	withToken := func(tok string) connect.ClientOption { return adminclient.BearerToken(tok) }
 	tests := []struct {
 		name  string
 		token string

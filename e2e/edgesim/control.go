@@ -17,6 +17,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/llorch/llorch/control/adminclient"
 )
 
 // controlProc is the control plane as a child process, reached the way an
@@ -33,20 +35,12 @@ type controlProc struct {
 }
 
 func newControlProc(bin, dataDir, listen, logDir, logLevel string, heartbeat, offlineAfter time.Duration) *controlProc {
-	sock := filepath.Join(dataDir, "control.sock")
-	var protocols http.Protocols
-	protocols.SetHTTP1(true)
+	admin := adminclient.SocketHTTP(dataDir)
+	admin.Timeout = 30 * time.Second
+	admin.Transport.(*http.Transport).DisableKeepAlives = true // a restarted control plane is a new socket
 	return &controlProc{
 		bin: bin, dataDir: dataDir, listen: listen, logDir: logDir, logLevel: logLevel,
-		heartbeat: heartbeat, offlineAfter: offlineAfter,
-		admin: &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
-			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-				var d net.Dialer
-				return d.DialContext(ctx, "unix", sock)
-			},
-			Protocols:         &protocols,
-			DisableKeepAlives: true, // a restarted control plane is a new socket
-		}},
+		heartbeat: heartbeat, offlineAfter: offlineAfter, admin: admin,
 	}
 }
 
@@ -239,7 +233,7 @@ func (c *controlProc) heapProfile(ctx context.Context, path string) error {
 
 // get fetches path from the admin socket; the caller closes the body.
 func (c *controlProc) get(ctx context.Context, path string) (io.ReadCloser, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://control.sock"+path, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, adminclient.SocketURL+path, nil)
 	if err != nil {
 		return nil, err
 	}

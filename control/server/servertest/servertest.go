@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"net"
 	"net/http"
 	"path/filepath"
 	"sync"
@@ -16,6 +15,7 @@ import (
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/llorch/llorch/control/adminclient"
 	"github.com/llorch/llorch/control/server"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
@@ -69,21 +69,7 @@ func StartConfig(tb testing.TB, cfg server.Config) *Server {
 		})
 	}
 	tb.Cleanup(stop)
-	return &Server{Server: srv, Config: cfg, Admin: AdminClient(cfg.DataDir), stop: stop}
-}
-
-// AdminClient talks to the control plane of dataDir through its socket.
-func AdminClient(dataDir string) llorchv1connect.AdminServiceClient {
-	var p http.Protocols
-	p.SetUnencryptedHTTP2(true)
-	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", server.SocketPath(dataDir))
-		},
-		Protocols: &p,
-	}}
-	return llorchv1connect.NewAdminServiceClient(hc, "http://control.sock", connect.WithGRPC())
+	return &Server{Server: srv, Config: cfg, Admin: llorchv1connect.NewAdminServiceClient(adminclient.SocketHTTP(cfg.DataDir), adminclient.SocketURL, connect.WithGRPC()), stop: stop}
 }
 
 // Token creates a join token and returns its string.
