@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -215,7 +216,24 @@ func (p *publicPort) serveConn(cc *countedConn) {
 		p.handoff.deliver(tc) // the http.Server closes it
 		return
 	}
-	h2.ServeConn(tc, &http2.ServeConnOpts{BaseConfig: p.http1, Handler: p.http1.Handler}) // closes tc
+	if !p.preface(tc) {
+		return
+	}
+	h2.ServeConn(tc, &http2.ServeConnOpts{BaseConfig: p.http1, Handler: p.http1.Handler, SawClientPreface: true}) // closes tc
+}
+
+// preface reads the HTTP/2 client preface within the handshake timeout
+// (x/net waits a fixed 10 s for it); false if it did not come (the
+// connection is closed then).
+func (p *publicPort) preface(tc *tls.Conn) bool {
+	var buf [len(http2.ClientPreface)]byte
+	tc.SetReadDeadline(time.Now().Add(p.limits.HandshakeTimeout))
+	if _, err := io.ReadFull(tc, buf[:]); err != nil || string(buf[:]) != http2.ClientPreface {
+		tc.Close()
+		return false
+	}
+	tc.SetReadDeadline(time.Time{})
+	return true
 }
 
 // handshake does the TLS handshake within the handshake timeout; nil if it failed

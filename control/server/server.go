@@ -41,8 +41,13 @@ import (
 	"github.com/llorch/llorch/internal/refusal"
 )
 
-// MaxMessageBytes bounds every request message, decompressed.
-const MaxMessageBytes = 1 << 20
+// MaxMessageBytes bounds every request message, decompressed; for the
+// public services (enrollment, info, health, reflection), which anyone may
+// call, PublicMaxMessageBytes does (an enrollment is under 2 KiB).
+const (
+	MaxMessageBytes       = 1 << 20
+	PublicMaxMessageBytes = 16 << 10
+)
 
 // MaxHeaderBytes bounds a request's headers.
 const MaxHeaderBytes = 64 << 10
@@ -256,24 +261,36 @@ func (s *Server) handler() http.Handler {
 		Clock:           cfg.Clock,
 		Logger:          cfg.Logger.With("component", "api"),
 	})
+	// Callers with a credential (nodes, admins) may send messages of up to
+	// MaxMessageBytes, compressed or not.
 	opts := []connect.HandlerOption{
 		connect.WithReadMaxBytes(MaxMessageBytes),
 		cappedGzip(),
 		connect.WithSendMaxBytes(4 * MaxMessageBytes),
 		connect.WithCompressMinBytes(CompressMinBytes),
 	}
+	// Anyone may call the public services, so what one request can make
+	// the control plane hold is small: a message of PublicMaxMessageBytes,
+	// uncompressed (no inflater's state, no decompression to do). With 16
+	// streams per connection and 64 connections per address, one address
+	// can make the control plane hold a few megabytes this way.
+	public := []connect.HandlerOption{
+		connect.WithReadMaxBytes(PublicMaxMessageBytes),
+		connect.WithCompression("gzip", nil, nil),
+		connect.WithSendMaxBytes(4 * MaxMessageBytes),
+	}
 	mux := http.NewServeMux()
-	mux.Handle(llorchv1connect.NewEnrollServiceHandler(handlers, opts...))
+	mux.Handle(llorchv1connect.NewEnrollServiceHandler(handlers, public...))
+	mux.Handle(llorchv1connect.NewInfoServiceHandler(handlers, public...))
+	mux.Handle(grpchealth.NewHandler(grpchealth.NewStaticChecker(llorchServices...), public...))
+	reflector := grpcreflect.NewStaticReflector(llorchServices...)
+	mux.Handle(grpcreflect.NewHandlerV1(reflector, public...))
+	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector, public...))
 	mux.Handle(llorchv1connect.NewNodeServiceHandler(handlers, opts...))
 	mux.Handle(llorchv1connect.NewAdminServiceHandler(handlers, opts...))
-	mux.Handle(llorchv1connect.NewInfoServiceHandler(handlers, opts...))
 	sessionPath, sessionHandler := llorchv1connect.NewSessionServiceHandler(handlers, opts...)
 	mux.Handle(sessionPath, api.SessionHTTP(sessionHandler))
 	mux.Handle(MetricsPath, promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{}))
-	mux.Handle(grpchealth.NewHandler(grpchealth.NewStaticChecker(llorchServices...), opts...))
-	reflector := grpcreflect.NewStaticReflector(llorchServices...)
-	mux.Handle(grpcreflect.NewHandlerV1(reflector, opts...))
-	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector, opts...))
 	if len(cfg.CORSOrigins) == 0 {
 		return mux
 	}
