@@ -227,15 +227,15 @@ func (a *Authority) ClientCAs() *x509.CertPool {
 	return pool
 }
 
-// SPIFFEID returns spiffe://<trust domain>/node/<nodeID>.
-func (a *Authority) SPIFFEID(nodeID string) string {
+// spiffeID is the SPIFFE ID of a node of this trust domain.
+func (a *Authority) spiffeID(nodeID string) string {
 	return certs.NodeSPIFFEID(a.cfg.TrustDomain, nodeID)
 }
 
-// NodeIDFromSPIFFE parses a node SPIFFE ID of this trust domain back to the
+// nodeIDFromSPIFFE parses a node SPIFFE ID of this trust domain back to the
 // node ID. It fails, wrapping control.ErrInvalidArgument, for another trust
 // domain, another path shape or a malformed node ID.
-func (a *Authority) NodeIDFromSPIFFE(id string) (string, error) {
+func (a *Authority) nodeIDFromSPIFFE(id string) (string, error) {
 	nodeID, err := certs.NodeIDFromSPIFFEID(a.cfg.TrustDomain, id)
 	if err != nil {
 		return "", fmt.Errorf("%w: %v", control.ErrInvalidArgument, err)

@@ -447,10 +447,10 @@ func TestClientCAs(t *testing.T) {
 
 func TestNodeIDFromSPIFFE(t *testing.T) {
 	a := openCA(t, pki.Config{Dir: filepath.Join(t.TempDir(), "ca")})
-	if got := a.SPIFFEID("node-1"); got != "spiffe://"+testTD+"/node/node-1" {
+	if got := pki.SPIFFEID(a, "node-1"); got != "spiffe://"+testTD+"/node/node-1" {
 		t.Fatalf("SPIFFEID = %q", got)
 	}
-	id, err := a.NodeIDFromSPIFFE(a.SPIFFEID("node-1"))
+	id, err := pki.NodeIDFromSPIFFE(a, pki.SPIFFEID(a, "node-1"))
 	if err != nil || id != "node-1" {
 		t.Fatalf("round trip: %q, %v", id, err)
 	}
@@ -465,7 +465,7 @@ func TestNodeIDFromSPIFFE(t *testing.T) {
 		{"empty", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if id, err := a.NodeIDFromSPIFFE(tc.id); !errors.Is(err, control.ErrInvalidArgument) {
+			if id, err := pki.NodeIDFromSPIFFE(a, tc.id); !errors.Is(err, control.ErrInvalidArgument) {
 				t.Errorf("NodeIDFromSPIFFE(%q) = %q, %v; want ErrInvalidArgument", tc.id, id, err)
 			}
 		})

@@ -98,7 +98,7 @@ func (a *Authority) startStep() error {
 // SignNode signs csr for nodeID and returns [leaf, intermediate]. The caller
 // has checked the request (signature, P-256 key); whatever names it carries
 // are ignored: the certificate has subject CN = nodeID, exactly one URI SAN,
-// SPIFFEID(nodeID), no DNS or IP names, the clientAuth usage, and is valid
+// spiffeID(nodeID), no DNS or IP names, the clientAuth usage, and is valid
 // from a minute ago for the configured node certificate lifetime.
 //
 // Errors: an invalid nodeID wraps control.ErrInvalidArgument; a request with
@@ -108,8 +108,8 @@ func (a *Authority) SignNode(ctx context.Context, csr *x509.CertificateRequest, 
 	if a.closed.Load() {
 		return nil, errors.New("sign node certificate: authority is closed")
 	}
-	spiffeID := a.SPIFFEID(nodeID)
-	if _, err := a.NodeIDFromSPIFFE(spiffeID); err != nil {
+	spiffeID := a.spiffeID(nodeID)
+	if _, err := a.nodeIDFromSPIFFE(spiffeID); err != nil {
 		return nil, fmt.Errorf("sign node certificate: node ID %q: %w", nodeID, err)
 	}
 	if csr == nil {

@@ -82,8 +82,8 @@ func checkNodeCert(t *testing.T, a *pki.Authority, chain []*x509.Certificate, cs
 	}); err != nil {
 		t.Errorf("leaf does not verify for client auth: %v", err)
 	}
-	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != a.SPIFFEID(nodeID) {
-		t.Errorf("URI SANs = %v, want exactly [%s]", leaf.URIs, a.SPIFFEID(nodeID))
+	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != certs.NodeSPIFFEID(testTD, nodeID) {
+		t.Errorf("URI SANs = %v, want exactly [%s]", leaf.URIs, certs.NodeSPIFFEID(testTD, nodeID))
 	}
 	if len(leaf.DNSNames)+len(leaf.IPAddresses)+len(leaf.EmailAddresses) != 0 {
 		t.Errorf("leaf has other SANs: %v %v %v", leaf.DNSNames, leaf.IPAddresses, leaf.EmailAddresses)
@@ -140,7 +140,7 @@ func TestSignNode(t *testing.T) {
 // certificate.
 func TestSignNodeChoosesIdentity(t *testing.T) {
 	a := openCA(t, pki.Config{Dir: filepath.Join(t.TempDir(), "ca")})
-	other, _ := url.Parse(a.SPIFFEID("other-node"))
+	other, _ := url.Parse(pki.SPIFFEID(a, "other-node"))
 	for _, tc := range []struct {
 		name string
 		tmpl *x509.CertificateRequest

@@ -1,7 +1,6 @@
 package registry
 
 import (
-	"math/rand/v2"
 	"time"
 )
 
@@ -40,7 +39,7 @@ func (r *Registry) Admit() (bool, time.Duration) {
 	defer r.mu.Unlock()
 	if r.stopping {
 		// Shutting down: come back to the next process, spread out.
-		return false, restartFloor + time.Duration(rand.Int64N(int64(time.Second)))
+		return false, restartFloor + r.jitter(time.Second)
 	}
 	a := r.cfg.Admission
 	if a.Rate <= 0 {
@@ -67,5 +66,10 @@ func (r *Registry) Admit() (bool, time.Duration) {
 	// Those refused in the last second need refused/Rate seconds to get in;
 	// spread them over that window (at least a second).
 	window := max(time.Duration(float64(b.refused)/a.Rate*float64(time.Second)), time.Second)
-	return false, time.Duration(rand.Int64N(int64(window))) + time.Duration(float64(time.Second)/a.Rate)
+	return false, r.jitter(window) + time.Duration(float64(time.Second)/a.Rate)
+}
+
+// jitter is a random duration in [0, d), from Config.Rand.
+func (r *Registry) jitter(d time.Duration) time.Duration {
+	return time.Duration(r.rand() * float64(d))
 }

@@ -66,9 +66,12 @@ type Config struct {
 	StallAfter time.Duration
 	// Admission paces new sessions; the zero value admits everything.
 	Admission Admission
-	Clock     clock.Clock      // nil: the wall clock
-	Logger    *slog.Logger     // nil: discard
-	Metrics   *metrics.Metrics // nil: none
+	// Rand returns a float in [0,1) for the spread of retry hints (nil:
+	// math/rand/v2 Float64).
+	Rand    func() float64
+	Clock   clock.Clock      // nil: the wall clock
+	Logger  *slog.Logger     // nil: discard
+	Metrics *metrics.Metrics // nil: none
 }
 
 // Validate checks the timing settings.
@@ -128,6 +131,7 @@ type flap struct {
 type Registry struct {
 	cfg     Config
 	clock   clock.Clock
+	rand    func() float64
 	log     *slog.Logger
 	metrics *metrics.Metrics
 
@@ -160,8 +164,11 @@ func New(cfg Config) *Registry {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Float64
+	}
 	r := &Registry{
-		cfg: cfg, clock: cfg.Clock, log: cfg.Logger, metrics: cfg.Metrics,
+		cfg: cfg, clock: cfg.Clock, log: cfg.Logger, metrics: cfg.Metrics, rand: cfg.Rand,
 		nodes:  map[string]*entry{},
 		writes: make(chan control.StatusChange, 65536),
 	}
@@ -583,7 +590,7 @@ func (r *Registry) DisconnectAll(reason string) {
 		if e.session == nil {
 			continue
 		}
-		wait := restartFloor + time.Duration(rand.Int64N(int64(spread)+1))
+		wait := restartFloor + r.jitter(spread)
 		e.session.send(&llorchv1.Command{Kind: llorchv1.CommandKind_COMMAND_KIND_DISCONNECT, Reason: reason, RetryAfter: durationProto(wait)})
 	}
 }

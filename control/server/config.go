@@ -10,6 +10,7 @@ import (
 
 	"github.com/llorch/llorch/certs"
 	"github.com/llorch/llorch/control/adminclient"
+	"github.com/llorch/llorch/control/pki"
 	"github.com/llorch/llorch/control/registry"
 	"github.com/llorch/llorch/internal/clock"
 )
@@ -18,7 +19,7 @@ import (
 const (
 	DefaultListen           = "127.0.0.1:8443"
 	DefaultTrustDomain      = "llorch.local"
-	DefaultNodeCertLifetime = 24 * time.Hour
+	DefaultNodeCertLifetime = pki.DefaultNodeCertLifetime
 )
 
 // Config configures the control plane.
@@ -102,8 +103,8 @@ func (c Config) Validate() error {
 	if !certs.ValidTrustDomain(c.TrustDomain) {
 		return fmt.Errorf("trust domain %q: use lowercase letters, digits, '.', '-' and '_'", c.TrustDomain)
 	}
-	if c.NodeCertLifetime != 0 && (c.NodeCertLifetime < 5*time.Minute || c.NodeCertLifetime > 30*24*time.Hour) {
-		return fmt.Errorf("node certificate lifetime %s: must be between 5m and 720h", c.NodeCertLifetime)
+	if l := c.NodeCertLifetime; l != 0 && (l < pki.MinNodeCertLifetime || l > pki.MaxNodeCertLifetime) {
+		return fmt.Errorf("node certificate lifetime %s: must be between %s and %s", l, pki.MinNodeCertLifetime, pki.MaxNodeCertLifetime)
 	}
 	if err := (registry.Config{HeartbeatInterval: c.HeartbeatInterval, OfflineAfter: c.OfflineAfter}).Validate(); err != nil {
 		return err

@@ -131,6 +131,20 @@ func (s *Server) open(ctx context.Context) (err error) {
 	if s.store, err = store.Open(ctx, filepath.Join(cfg.DataDir, "llorch.db")); err != nil {
 		return err
 	}
+	if err := s.openCA(ctx); err != nil {
+		return err
+	}
+	if err := s.openRegistry(ctx); err != nil {
+		return err
+	}
+	if s.local, err = listenSocket(SocketPath(cfg.DataDir)); err != nil {
+		return err
+	}
+	return s.openPorts(ctx)
+}
+
+func (s *Server) openCA(ctx context.Context) (err error) {
+	cfg := s.cfg
 	s.ca, err = pki.Open(ctx, pki.Config{
 		Dir:              filepath.Join(cfg.DataDir, "ca"),
 		TrustDomain:      cfg.TrustDomain,
@@ -139,9 +153,13 @@ func (s *Server) open(ctx context.Context) (err error) {
 		Clock:            cfg.Clock,
 		Logger:           cfg.Logger.With("component", "pki"),
 	})
-	if err != nil {
-		return err
-	}
+	return err
+}
+
+// openRegistry loads the fleet, marking the nodes that were connected
+// unknown.
+func (s *Server) openRegistry(ctx context.Context) error {
+	cfg := s.cfg
 	s.metrics = metrics.New()
 	s.registry = registry.New(registry.Config{
 		Store:             s.store,
@@ -152,13 +170,14 @@ func (s *Server) open(ctx context.Context) (err error) {
 		Logger:            cfg.Logger.With("component", "registry"),
 		Metrics:           s.metrics,
 	})
-	if err := s.registry.Load(ctx); err != nil {
-		return err
-	}
-	s.metrics.CountConns(func() (int, int) { return s.port.connCounts() })
-	if s.local, err = listenSocket(SocketPath(cfg.DataDir)); err != nil {
-		return err
-	}
+	return s.registry.Load(ctx)
+}
+
+// openPorts builds what the public port and the admin socket serve: the
+// handlers, each behind its gate, and the port's HTTP/2 settings for edges
+// and for everyone else.
+func (s *Server) openPorts(ctx context.Context) (err error) {
+	cfg := s.cfg
 	handler := s.handler()
 	gate := func(local bool, routes authz.Routes) *authz.Gate {
 		return authz.New(authz.Config{
@@ -205,6 +224,7 @@ func (s *Server) open(ctx context.Context) (err error) {
 	if err != nil {
 		return fmt.Errorf("configure HTTP/2: %w", err)
 	}
+	s.metrics.CountConns(s.port.connCounts)
 	s.port.tls.SetSessionTicketKeys(s.ca.TicketKeys(ctx))
 	s.localSrv = &http.Server{
 		Handler:           gate(true, socketRoutes()).Handler(localHandler(handler)),
