@@ -18,7 +18,6 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/llorch/llorch/certs"
-	"github.com/llorch/llorch/edge"
 	"github.com/llorch/llorch/edge/client"
 	"github.com/llorch/llorch/edge/gpu"
 	"github.com/llorch/llorch/edge/handoff"
@@ -190,10 +189,7 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 		select {
 		case err := <-errc:
 			stop()
-			if errors.Is(err, renew.ErrExpired) {
-				return fmt.Errorf("%w: %v", edge.ErrCertExpired, err)
-			}
-			return err
+			return err // renew.ErrExpired is edge.ErrCertExpired
 		case <-a.renewNow:
 			stop()
 			<-errc

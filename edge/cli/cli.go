@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/llorch/llorch/edge"
 	"github.com/llorch/llorch/edge/enroll"
 	"github.com/llorch/llorch/edge/state"
 	"github.com/llorch/llorch/internal/version"
@@ -33,10 +34,35 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root.SetArgs(args)
 	root.AddCommand(newEnrollCmd(), newStatusCmd(), newRunCmd())
 	if err := root.ExecuteContext(ctx); err != nil {
-		fmt.Fprintf(stderr, "edge: %s\n", err)
+		fmt.Fprintf(stderr, "edge: %s\n", lastLine(err))
 		return 1
 	}
 	return 0
+}
+
+// lastLine is the one line the command prints when it fails: the error, and
+// what the operator can do about it.
+func lastLine(err error) string {
+	line := strings.Join(strings.Fields(err.Error()), " ")
+	if h := hint(err); h != "" {
+		line += "; " + h
+	}
+	return line
+}
+
+// hint says what the operator can do about err; "" when the error says it.
+func hint(err error) string {
+	const enrollAgain = "enroll again with a new token (edge enroll --token-file FILE --control URL)"
+	switch {
+	case errors.Is(err, edge.ErrRevoked):
+		// The identity on disk still looks valid, so enroll would keep it.
+		return "move this node's state directory away, then " + enrollAgain
+	case errors.Is(err, edge.ErrSuperseded):
+		return "another machine may hold this node's identity; move this node's state directory away, then " + enrollAgain
+	case errors.Is(err, edge.ErrCertExpired):
+		return "the machine was probably offline past its renewal; " + enrollAgain
+	}
+	return ""
 }
 
 func defaultStateDir() string {

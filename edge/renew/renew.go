@@ -13,13 +13,15 @@ import (
 	"math/rand/v2"
 	"time"
 
+	"github.com/llorch/llorch/edge"
 	"github.com/llorch/llorch/internal/backoff"
 	"github.com/llorch/llorch/internal/clock"
 )
 
 // ErrExpired says the certificate expired before it could be renewed. The
-// node must enroll again.
-var ErrExpired = errors.New("certificate expired")
+// node must enroll again. It is edge.ErrCertExpired, so the edge's callers
+// need to know only that one.
+var ErrExpired = edge.ErrCertExpired
 
 // maxSleep is the longest Run waits on one timer before it looks at the clock
 // again: a timer does not count the time a laptop spends asleep.

@@ -297,13 +297,16 @@ func sendFailed(err error, msgs <-chan incoming, clk clock.Clock) outcome {
 }
 
 // classify turns a stream error into an outcome: refusals that mean the node
-// can no longer act are fatal; anything else is retried.
-// A retry hint from the control plane (it is pacing registrations) sets the
-// wait before the next attempt.
+// can no longer act are fatal; anything else is retried, after the control
+// plane's retry hint when it gave one.
 func classify(err error) outcome {
-	explained := client.Explain(err)
-	if errors.Is(explained, edge.ErrRevoked) || errors.Is(explained, edge.ErrCertExpired) || errors.Is(explained, edge.ErrSuperseded) {
-		return outcome{fatal: explained}
+	err = client.Explain(err)
+	ref, ok := errors.AsType[*edge.RefusalError](err)
+	if !ok {
+		return outcome{err: err}
 	}
-	return outcome{err: explained, retryAfter: client.RetryAfter(err)}
+	if errors.Is(ref, edge.ErrRevoked) || errors.Is(ref, edge.ErrCertExpired) || errors.Is(ref, edge.ErrSuperseded) {
+		return outcome{fatal: err}
+	}
+	return outcome{err: err, retryAfter: ref.RetryAfter}
 }
