@@ -57,6 +57,10 @@ type Config struct {
 // the session up and reconnects.
 const registerTimeout = 30 * time.Second
 
+// tooLargeLogEvery is how often a report refused as too large is logged at
+// ERROR while the refusals go on.
+const tooLargeLogEvery = time.Minute
+
 // Run keeps a session up until ctx ends, then says goodbye. It returns early
 // only when the node can no longer act (revoked, expired, superseded): the
 // error is then an *edge.RefusalError for which errors.Is(err,
@@ -64,7 +68,9 @@ const registerTimeout = 30 * time.Second
 //
 // Every other loss is retried: after the control plane's retry hint when it
 // gives one (a DISCONNECT's retry_after, or Llorch-Retry-After-Ms on an
-// Unavailable or rate-limited refusal), else after the backoff.
+// Unavailable or rate-limited refusal), else after the backoff. A report
+// refused as too large is logged at ERROR (at most once a minute) and
+// retried with the backoff, since the next report may be smaller.
 func Run(ctx context.Context, cfg Config) error {
 	if cfg.BackoffMin == 0 {
 		cfg.BackoffMin = 500 * time.Millisecond
@@ -79,8 +85,9 @@ func Run(ctx context.Context, cfg Config) error {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	var (
-		attempt  int
-		interval time.Duration // the heartbeat interval of the last session; 0 before one
+		attempt        int
+		interval       time.Duration // the heartbeat interval of the last session; 0 before one
+		tooLargeLogged time.Time     // when a too-large refusal was last logged
 	)
 	for {
 		res := runOnce(ctx, &cfg)
@@ -93,7 +100,9 @@ func Run(ctx context.Context, cfg Config) error {
 		if res.interval > 0 {
 			interval = res.interval
 		}
-		if res.registered {
+		// A session that registered resets the backoff, unless its report
+		// was refused: the next one would be refused again at once.
+		if res.registered && !res.tooLarge {
 			attempt = 0
 		}
 		if res.reconnect {
@@ -112,7 +121,15 @@ func Run(ctx context.Context, cfg Config) error {
 			wait = res.retryAfter
 		}
 		attempt++
-		cfg.Logger.Warn("session lost; reconnecting", "err", res.err, "in", wait.Round(time.Millisecond))
+		lost := cfg.Logger.Warn
+		if res.tooLarge {
+			lost = cfg.Logger.Debug
+			if now := cfg.Clock.Now(); tooLargeLogged.IsZero() || now.Sub(tooLargeLogged) >= tooLargeLogEvery {
+				tooLargeLogged = now
+				cfg.Logger.Error("the control plane refused this node's report as too large; reduce the engine replicas or handoff files reported (dropped ones are counted)", "err", res.err)
+			}
+		}
+		lost("session lost; reconnecting", "err", res.err, "in", wait.Round(time.Millisecond))
 		select {
 		case <-ctx.Done():
 			return nil
@@ -127,6 +144,7 @@ type outcome struct {
 	reconnect  bool          // to present a renewed certificate
 	interval   time.Duration // the heartbeat interval the control plane set; 0: none
 	retryAfter time.Duration // the control plane's retry hint; 0: none
+	tooLarge   bool          // the control plane refused a message as too large
 	err        error         // why the session ended; retried
 	fatal      error         // the node can no longer act; not retried
 }
@@ -358,5 +376,5 @@ func classify(err error) outcome {
 	if errors.Is(ref, edge.ErrRevoked) || errors.Is(ref, edge.ErrCertExpired) || errors.Is(ref, edge.ErrSuperseded) {
 		return outcome{fatal: err}
 	}
-	return outcome{err: err, retryAfter: ref.RetryAfter}
+	return outcome{err: err, retryAfter: ref.RetryAfter, tooLarge: errors.Is(ref, edge.ErrTooLarge)}
 }

@@ -48,7 +48,7 @@ func newEnv(t *testing.T) *env {
 	t.Cleanup(hc.CloseIdleConnections)
 	e := &env{svc: svc, srv: srv, clk: edgetest.NewClock(), commands: make(chan *llorchv1.Command, 8), acks: make(chan time.Duration, 8), logs: &logBuffer{}}
 	e.cfg = session.Config{
-		Dial: func() session.Dialer { return llorchv1connect.NewSessionServiceClient(hc, srv.URL) },
+		Dial:   func() session.Dialer { return llorchv1connect.NewSessionServiceClient(hc, srv.URL) },
 		System: &llorchv1.NodeSystem{Hostname: "gpu-host", Os: "linux", Arch: "amd64"},
 		Report: func(context.Context) *llorchv1.NodeStatusReport {
 			return &llorchv1.NodeStatusReport{Pools: []*llorchv1.Pool{{Id: "pool-0"}}}
@@ -310,6 +310,40 @@ func TestNoAnswerToRegister(t *testing.T) {
 	e.svc.Next(t).Register(t, time.Hour)
 	if n := e.logs.count("no answer to Register within 30s"); n != 1 {
 		t.Errorf("logged the Register timeout %d times, want once", n)
+	}
+}
+
+// A report refused as too large is logged at ERROR, at most once a minute,
+// and retried with the backoff.
+func TestTooLargeLoggedOnceAMinute(t *testing.T) {
+	const line = "the control plane refused this node's report as too large"
+	for _, reason := range []string{refusal.TooLarge, ""} {
+		t.Run("reason "+reason, func(t *testing.T) {
+			e := newEnv(t)
+			done, _ := e.start(t)
+			refuse := func() {
+				t.Helper()
+				e.svc.Next(t).End(edgetest.Refusal(connect.CodeResourceExhausted, reason, 0, "message is larger than 1 MiB"))
+				e.clk.Advance(e.clk.AfterOtherThan(t, registerTimeout))
+			}
+			refuse()
+			refuse()
+			refuse()
+			if n := e.logs.count("level=ERROR msg=\"" + line); n != 1 {
+				t.Errorf("%d ERROR lines after three refusals within a minute, want 1", n)
+			}
+			e.clk.Advance(time.Minute)
+			refuse()
+			if n := e.logs.count("level=ERROR msg=\"" + line); n != 2 {
+				t.Errorf("%d ERROR lines after a minute more, want 2", n)
+			}
+			e.svc.Next(t).Register(t, time.Hour) // still retrying
+			select {
+			case err := <-done:
+				t.Fatalf("Run returned %v", err)
+			default:
+			}
+		})
 	}
 }
 
