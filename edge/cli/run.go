@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/llorch/llorch/edge/agent"
+	"github.com/llorch/llorch/edge/handoff"
 	"github.com/llorch/llorch/internal/logging"
 )
 
@@ -41,7 +42,7 @@ says so and exits: enroll again with a new token.`,
 		},
 	}
 	addStateFlag(cmd, &dir)
-	cmd.Flags().StringVar(&enginesDir, "engines-dir", envOrDefault("LLORCH_ENGINES_DIR", agent.DefaultEnginesDir), "directory of engine handoff files (*.json) [LLORCH_ENGINES_DIR]")
+	cmd.Flags().StringVar(&enginesDir, "engines-dir", envOrDefault("LLORCH_ENGINES_DIR", handoff.DefaultDir), "directory of engine handoff files (*.json) [LLORCH_ENGINES_DIR]")
 	cmd.Flags().StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd
