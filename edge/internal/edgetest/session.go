@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -38,6 +39,10 @@ func (s *SessionService) Next(tb testing.TB) *Stream {
 	}
 }
 
+// Streams delivers the streams edges open, for a test that serves them on
+// goroutines of its own (Serve) instead of with Next.
+func (s *SessionService) Streams() <-chan *Stream { return s.streams }
+
 // NoStreamWithin fails the test if the edge opens a stream within d. It
 // cannot prove that none comes later; tests use it only beside a check
 // that does (the timer the edge asked for).
@@ -54,21 +59,28 @@ func (s *SessionService) NoStreamWithin(tb testing.TB, d time.Duration) {
 // stream to the test and serves it until the test ends it, the edge says
 // goodbye or closes its side, or the edge goes.
 func (s *SessionService) Connect(ctx context.Context, bidi *connect.BidiStream[llorchv1.ConnectRequest, llorchv1.ConnectResponse]) error {
-	st := &Stream{ctx: ctx, bidi: bidi, in: make(chan *llorchv1.ConnectRequest, 64), end: make(chan error, 1), received: make(chan struct{})}
+	st := &Stream{ctx: ctx, bidi: bidi, sendMu: &sync.Mutex{}, in: make(chan *llorchv1.ConnectRequest, 64), end: make(chan error, 1), received: make(chan struct{})}
 	go st.receive()
 	s.streams <- st
+	var err error
 	select {
-	case err := <-st.end:
-		return err
+	case err = <-st.end:
 	case <-ctx.Done():
-		return ctx.Err()
+		err = ctx.Err()
 	}
+	// No Send may run once the handler returns.
+	st.sendMu.Lock()
+	st.closed = true
+	st.sendMu.Unlock()
+	return err
 }
 
 // Stream is one session stream, the control plane's side.
 type Stream struct {
 	ctx      context.Context
 	bidi     *connect.BidiStream[llorchv1.ConnectRequest, llorchv1.ConnectResponse]
+	sendMu   *sync.Mutex // Serve's acks and the test's commands
+	closed   bool        // the handler returned; under sendMu
 	in       chan *llorchv1.ConnectRequest
 	recvErr  error         // why receiving stopped; read after received is closed
 	received chan struct{} // closed when receiving stops
@@ -140,8 +152,50 @@ func (st *Stream) Register(tb testing.TB, interval time.Duration) *llorchv1.Regi
 // Send sends msg to the edge.
 func (st *Stream) Send(tb testing.TB, msg *llorchv1.ConnectResponse) {
 	tb.Helper()
-	if err := st.bidi.Send(msg); err != nil {
+	if err := st.send(msg); err != nil {
 		tb.Fatalf("send %v: %v", msg, err)
+	}
+}
+
+func (st *Stream) send(msg *llorchv1.ConnectResponse) error {
+	st.sendMu.Lock()
+	defer st.sendMu.Unlock()
+	if st.closed {
+		return errors.New("stream ended")
+	}
+	return st.bidi.Send(msg)
+}
+
+// Serve plays a well-behaved control plane on the stream until it ends:
+// Registered with interval, then an ack for every heartbeat. The report of
+// Register and of each heartbeat goes to report. It needs no testing.TB, so
+// it can run on a goroutine of its own; commands can be sent meanwhile.
+func (st *Stream) Serve(interval time.Duration, report func(*llorchv1.NodeStatusReport)) error {
+	for {
+		var m *llorchv1.ConnectRequest
+		select {
+		case m = <-st.in:
+		case <-st.received:
+			return st.recvErr
+		case <-st.ctx.Done():
+			return st.ctx.Err()
+		}
+		var err error
+		switch {
+		case m.GetRegister() != nil:
+			report(m.GetRegister().GetStatus())
+			err = st.send(&llorchv1.ConnectResponse{Message: &llorchv1.ConnectResponse_Registered{Registered: &llorchv1.Registered{
+				NodeId: "node-1", HeartbeatInterval: durationpb.New(interval),
+			}}})
+		case m.GetHeartbeat() != nil:
+			report(m.GetHeartbeat().GetStatus())
+			err = st.send(&llorchv1.ConnectResponse{Message: &llorchv1.ConnectResponse_HeartbeatAck{HeartbeatAck: &llorchv1.HeartbeatAck{
+				Seq: m.GetHeartbeat().GetSeq(), HeartbeatInterval: durationpb.New(interval),
+			}}})
+		}
+		if err != nil {
+			return err
+		}
 	}
 }
 
