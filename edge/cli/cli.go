@@ -94,7 +94,9 @@ token pins (before sending the token), and store the signed certificate.
 
 The token comes from --token-file, LLORCH_ENROLL_TOKEN or --token, in that
 order of preference (a token on the command line shows up in process lists).
-With a valid identity already in the state directory, enroll spends no token.`,
+With a valid identity already in the state directory, enroll spends no token.
+While the control plane rate-limits enrollments, enroll waits as it asks and
+tries again (a line on stderr each time), for up to 2 minutes.`,
 		Example: `  edge enroll --control https://cp.example:8443 --token-file /run/secrets/llorch-token
   LLORCH_ENROLL_TOKEN=llorch1.... edge enroll --control https://127.0.0.1:8443`,
 		Args: cobra.NoArgs,
@@ -105,6 +107,7 @@ With a valid identity already in the state directory, enroll spends no token.`,
 			}
 			cfg.Token = token
 			cfg.Hostname, _ = os.Hostname()
+			cfg.Progress = cmd.ErrOrStderr() // "enrollment rate-limited ...; retrying in 3s"
 			res, err := enroll.Enroll(cmd.Context(), cfg)
 			if err != nil {
 				return err
