@@ -26,7 +26,10 @@ backoff and full jitter.
 It renews the node certificate at about 2/3 of its lifetime with a fresh key.
 On SIGTERM or Ctrl-C it says goodbye, so the node is offline at once. If the
 certificate expired while the machine was offline, or the node was removed, it
-says so and exits: enroll again with a new token.`,
+says so and exits: enroll again with a new token.
+
+It holds a lock on the state directory (STATE/edge.lock) while it runs, so a
+second agent on the same directory is refused.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			logger, err := logging.New(cmd.ErrOrStderr(), logFormat, logLevel)
