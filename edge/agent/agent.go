@@ -18,7 +18,6 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/llorch/llorch/certs"
-	"github.com/llorch/llorch/edge"
 	"github.com/llorch/llorch/edge/client"
 	"github.com/llorch/llorch/edge/gpu"
 	"github.com/llorch/llorch/edge/handoff"
@@ -31,13 +30,11 @@ import (
 	"github.com/llorch/llorch/internal/version"
 )
 
-// DefaultEnginesDir is where engine provisioners write handoff files.
-const DefaultEnginesDir = ".runtime/engines"
-
 // Config configures an agent.
 type Config struct {
+	// StateDir holds the identity; Run holds its lock (state.Lock).
 	StateDir   string
-	EnginesDir string     // "": DefaultEnginesDir
+	EnginesDir string     // "": handoff.DefaultDir
 	GPUs       gpu.Source // nil: NVML
 	// BackoffMax bounds the reconnect backoff; 0: 10s.
 	BackoffMax time.Duration
@@ -65,9 +62,6 @@ func New(cfg Config, id state.Identity) *Agent {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
-	}
-	if cfg.EnginesDir == "" {
-		cfg.EnginesDir = DefaultEnginesDir
 	}
 	a := &Agent{cfg: cfg, id: client.NewIdentity(id), log: cfg.Logger.With("node_id", id.NodeID),
 		renewNow: make(chan struct{}, 1), renewed: make(chan struct{}, 1)}
@@ -108,8 +102,15 @@ func (a *Agent) Identity() state.Identity { return a.id.Get() }
 
 // Run holds the session, watches GPUs and engines and renews the certificate
 // until ctx ends (then it says goodbye) or the node can no longer act
-// (revoked, expired).
+// (revoked, expired, superseded). It holds the state directory's lock
+// throughout, so a second agent on the same directory is refused with an
+// error wrapping state.ErrLocked.
 func (a *Agent) Run(ctx context.Context) error {
+	release, err := state.Lock(a.cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	defer release()
 	gpus := a.cfg.GPUs
 	if gpus == nil {
 		gpus = gpu.NewNVML(a.log)
@@ -119,42 +120,47 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.log.Warn("no GPUs reported", "reason", inv.Unavailable)
 	}
 	watcher := handoff.New(handoff.Config{Dir: a.cfg.EnginesDir, Clock: a.cfg.Clock, Logger: a.log.With("component", "handoff")})
+	hostname, _ := os.Hostname()
+	sessionCfg := session.Config{
+		Dial: func() session.Dialer {
+			return llorchv1connect.NewSessionServiceClient(a.httpClient(), a.id.Get().ControlURL)
+		},
+		System: &llorchv1.NodeSystem{Hostname: hostname, Os: runtime.GOOS, Arch: runtime.GOARCH, AgentVersion: version.Version},
+		Report: func(ctx context.Context) *llorchv1.NodeStatusReport {
+			return statusReport(gpus.Inventory(ctx), watcher.Snapshot(), a.draining.Load())
+		},
+		Changed:      watcher.Changed(),
+		Reconnect:    a.renewed,
+		OnRegistered: func(r *llorchv1.Registered) { a.draining.Store(r.GetDraining()) },
+		OnCommand:    a.command,
+		BackoffMax:   a.cfg.BackoffMax,
+		Clock:        a.cfg.Clock,
+		Logger:       a.log.With("component", "session"),
+	}
 
+	// The first of the three to return ends the others; its error is Run's.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	var wg sync.WaitGroup
-	errc := make(chan error, 3)
-	wg.Add(3)
-	go func() { defer wg.Done(); errc <- watcher.Run(ctx) }()
-	go func() { defer wg.Done(); errc <- a.renewLoop(ctx) }()
-	go func() {
-		defer wg.Done()
-		hostname, _ := os.Hostname()
-		errc <- session.Run(ctx, session.Config{
-			Dial: func() session.Dialer {
-				return llorchv1connect.NewSessionServiceClient(a.httpClient(), a.id.Get().ControlURL)
-			},
-			System: &llorchv1.NodeSystem{Hostname: hostname, Os: runtime.GOOS, Arch: runtime.GOARCH, AgentVersion: version.Version},
-			Report: func(ctx context.Context) *llorchv1.NodeStatusReport {
-				pools, errs := poolReport(watcher.Snapshot(), a.draining.Load())
-				return &llorchv1.NodeStatusReport{GpuInventory: gpuReport(gpus.Inventory(ctx)), Pools: pools, HandoffErrors: errs, Draining: a.draining.Load()}
-			},
-			Changed:      watcher.Changed(),
-			Reconnect:    a.renewed,
-			OnRegistered: func(r *llorchv1.Registered) { a.draining.Store(r.GetDraining()) },
-			OnCommand:    a.command,
-			BackoffMax:   a.cfg.BackoffMax,
-			Clock:        a.cfg.Clock,
-			Logger:       a.log.With("component", "session"),
+	var (
+		wg    sync.WaitGroup
+		once  sync.Once
+		first error
+	)
+	run := func(f func(context.Context) error) {
+		wg.Go(func() {
+			err := f(ctx)
+			once.Do(func() { first = err })
+			cancel()
 		})
-	}()
-	err := <-errc
-	cancel()
+	}
+	run(watcher.Run)
+	run(a.renewLoop)
+	run(func(ctx context.Context) error { return session.Run(ctx, sessionCfg) })
 	wg.Wait()
-	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+	if errors.Is(first, context.Canceled) {
 		return nil
 	}
-	return err
+	return first
 }
 
 func (a *Agent) command(c *llorchv1.Command) {
@@ -190,10 +196,7 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 		select {
 		case err := <-errc:
 			stop()
-			if errors.Is(err, renew.ErrExpired) {
-				return fmt.Errorf("%w: %v", edge.ErrCertExpired, err)
-			}
-			return err
+			return err // renew.ErrExpired is edge.ErrCertExpired
 		case <-a.renewNow:
 			stop()
 			<-errc

@@ -6,6 +6,15 @@ import (
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 )
 
+// statusReport is what a heartbeat says about the node.
+func statusReport(inv gpu.Inventory, snap handoff.Snapshot, draining bool) *llorchv1.NodeStatusReport {
+	pools, errs := poolReport(snap, draining)
+	return &llorchv1.NodeStatusReport{
+		GpuInventory: gpuReport(inv), Pools: pools, HandoffErrors: errs, Draining: draining,
+		DroppedReplicas: int32(snap.DroppedReplicas), DroppedHandoffErrors: int32(snap.DroppedErrors),
+	}
+}
+
 // gpuReport is the GPU inventory as the API carries it.
 func gpuReport(inv gpu.Inventory) *llorchv1.GpuInventory {
 	out := &llorchv1.GpuInventory{DriverVersion: inv.DriverVersion, CudaVersion: inv.CUDAVersion, Unavailable: inv.Unavailable}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/llorch/llorch/edge"
 	"github.com/llorch/llorch/edge/enroll"
 	"github.com/llorch/llorch/edge/state"
 	"github.com/llorch/llorch/internal/version"
@@ -33,10 +34,35 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root.SetArgs(args)
 	root.AddCommand(newEnrollCmd(), newStatusCmd(), newRunCmd())
 	if err := root.ExecuteContext(ctx); err != nil {
-		fmt.Fprintf(stderr, "edge: %s\n", err)
+		fmt.Fprintf(stderr, "edge: %s\n", lastLine(err))
 		return 1
 	}
 	return 0
+}
+
+// lastLine is the one line the command prints when it fails: the error, and
+// what the operator can do about it.
+func lastLine(err error) string {
+	line := strings.Join(strings.Fields(err.Error()), " ")
+	if h := hint(err); h != "" {
+		line += "; " + h
+	}
+	return line
+}
+
+// hint says what the operator can do about err; "" when the error says it.
+func hint(err error) string {
+	const enrollAgain = "enroll again with a new token (edge enroll --token-file FILE --control URL)"
+	switch {
+	case errors.Is(err, edge.ErrRevoked):
+		// The identity on disk still looks valid, so enroll would keep it.
+		return "move this node's state directory away, then " + enrollAgain
+	case errors.Is(err, edge.ErrSuperseded):
+		return "another machine may hold this node's identity; move this node's state directory away, then " + enrollAgain
+	case errors.Is(err, edge.ErrCertExpired):
+		return "the machine was probably offline past its renewal; " + enrollAgain
+	}
+	return ""
 }
 
 func defaultStateDir() string {
@@ -68,7 +94,9 @@ token pins (before sending the token), and store the signed certificate.
 
 The token comes from --token-file, LLORCH_ENROLL_TOKEN or --token, in that
 order of preference (a token on the command line shows up in process lists).
-With a valid identity already in the state directory, enroll spends no token.`,
+With a valid identity already in the state directory, enroll spends no token.
+While the control plane rate-limits enrollments, enroll waits as it asks and
+tries again (a line on stderr each time), for up to 2 minutes.`,
 		Example: `  edge enroll --control https://cp.example:8443 --token-file /run/secrets/llorch-token
   LLORCH_ENROLL_TOKEN=llorch1.... edge enroll --control https://127.0.0.1:8443`,
 		Args: cobra.NoArgs,
@@ -79,6 +107,7 @@ With a valid identity already in the state directory, enroll spends no token.`,
 			}
 			cfg.Token = token
 			cfg.Hostname, _ = os.Hostname()
+			cfg.Progress = cmd.ErrOrStderr() // "enrollment rate-limited ...; retrying in 3s"
 			res, err := enroll.Enroll(cmd.Context(), cfg)
 			if err != nil {
 				return err

@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/llorch/llorch/edge/agent"
+	"github.com/llorch/llorch/edge/handoff"
 	"github.com/llorch/llorch/internal/logging"
 )
 
@@ -25,7 +26,10 @@ backoff and full jitter.
 It renews the node certificate at about 2/3 of its lifetime with a fresh key.
 On SIGTERM or Ctrl-C it says goodbye, so the node is offline at once. If the
 certificate expired while the machine was offline, or the node was removed, it
-says so and exits: enroll again with a new token.`,
+says so and exits: enroll again with a new token.
+
+It holds a lock on the state directory (STATE/edge.lock) while it runs, so a
+second agent on the same directory is refused.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			logger, err := logging.New(cmd.ErrOrStderr(), logFormat, logLevel)
@@ -41,7 +45,7 @@ says so and exits: enroll again with a new token.`,
 		},
 	}
 	addStateFlag(cmd, &dir)
-	cmd.Flags().StringVar(&enginesDir, "engines-dir", envOrDefault("LLORCH_ENGINES_DIR", agent.DefaultEnginesDir), "directory of engine handoff files (*.json) [LLORCH_ENGINES_DIR]")
+	cmd.Flags().StringVar(&enginesDir, "engines-dir", envOrDefault("LLORCH_ENGINES_DIR", handoff.DefaultDir), "directory of engine handoff files (*.json) [LLORCH_ENGINES_DIR]")
 	cmd.Flags().StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd

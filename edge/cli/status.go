@@ -26,7 +26,7 @@ func loadIdentity(dir string, now time.Time) (state.Identity, error) {
 		return state.Identity{}, err
 	}
 	if id.Expired(now) {
-		return id, fmt.Errorf("node %s: certificate expired at %s: %w", id.NodeID, id.NotAfter().Local().Format(time.RFC3339), edge.ErrCertExpired)
+		return id, fmt.Errorf("node %s: %w at %s", id.NodeID, edge.ErrCertExpired, id.NotAfter().Local().Format(time.RFC3339))
 	}
 	return id, nil
 }

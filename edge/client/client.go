@@ -1,15 +1,13 @@
 // Package client builds the edge's connections to the control plane: an
 // HTTP/2 transport over mutual TLS that presents the node's current
 // certificate, and the translation of the control plane's refusals into
-// edge errors.
+// edge.RefusalError.
 package client
 
 import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"fmt"
-	"github.com/llorch/llorch/internal/refusal"
 	"net"
 	"net/http"
 	"strconv"
@@ -23,6 +21,7 @@ import (
 	"github.com/llorch/llorch/edge"
 	"github.com/llorch/llorch/edge/state"
 	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
+	"github.com/llorch/llorch/internal/refusal"
 )
 
 // Identity holds the identity in use and lets a renewal swap it while
@@ -94,37 +93,34 @@ func NodeClient(h *Identity) llorchv1connect.NodeServiceClient {
 	return llorchv1connect.NewNodeServiceClient(HTTPClient(h), h.Get().ControlURL)
 }
 
-// Explain turns a refusal from the control plane into an edge error that
-// says what to do, keeping the original error wrapped.
+// Explain returns a Connect error from a call to the control plane as an
+// *edge.RefusalError, with the refusal's reason and retry hint read from
+// its headers and the original error wrapped; other errors (and one already
+// explained) come back unchanged.
 func Explain(err error) error {
-	var cerr *connect.Error
-	if !errors.As(err, &cerr) {
+	if _, ok := errors.AsType[*edge.RefusalError](err); ok {
 		return err
 	}
-	switch cerr.Meta().Get(refusal.ReasonHeader) {
-	case refusal.Revoked:
-		return edge.ErrRevoked
-	case refusal.Expired:
-		return edge.ErrCertExpired
-	case refusal.Superseded:
-		return edge.ErrSuperseded
+	cerr, ok := errors.AsType[*connect.Error](err)
+	if !ok {
+		return err
 	}
-	if cerr.Code() == connect.CodeUnavailable {
-		return fmt.Errorf("control plane unreachable: %s", cerr.Message())
+	return &edge.RefusalError{
+		Code:       cerr.Code(),
+		Reason:     cerr.Meta().Get(refusal.ReasonHeader),
+		RetryAfter: retryAfter(cerr),
+		Err:        err,
 	}
-	return fmt.Errorf("%s", cerr.Message())
 }
 
-// RetryAfter is the wait the control plane asked for with a refusal (it paces
-// registrations when many edges come at once); 0 when it asked for none.
-func RetryAfter(err error) time.Duration {
-	var cerr *connect.Error
-	if !errors.As(err, &cerr) {
-		return 0
-	}
+// maxRetryAfter bounds a retry hint, so a bad one cannot stop an edge for long.
+const maxRetryAfter = time.Minute
+
+// retryAfter reads the hint in milliseconds; 0 when there is none.
+func retryAfter(cerr *connect.Error) time.Duration {
 	ms, err := strconv.ParseInt(cerr.Meta().Get(refusal.RetryAfterHeader), 10, 64)
 	if err != nil || ms <= 0 {
 		return 0
 	}
-	return min(time.Duration(ms)*time.Millisecond, time.Minute)
+	return time.Duration(min(ms, maxRetryAfter.Milliseconds())) * time.Millisecond
 }

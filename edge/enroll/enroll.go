@@ -1,7 +1,9 @@
 // Package enroll makes an edge's identity: it checks it reached the control
 // plane its join token pins, sends the token with a fresh key's certificate
 // request, checks what comes back and saves it atomically. With a valid
-// identity already on disk it spends no token.
+// identity already on disk it spends no token. It holds the state
+// directory's lock while it enrolls, and waits out the control plane's rate
+// limits for a while.
 package enroll
 
 import (
@@ -10,6 +12,8 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
+	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"time"
@@ -17,7 +21,11 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/llorch/llorch/certs"
+	"github.com/llorch/llorch/edge"
+	"github.com/llorch/llorch/edge/client"
 	"github.com/llorch/llorch/edge/state"
+	"github.com/llorch/llorch/internal/backoff"
+	"github.com/llorch/llorch/internal/clock"
 	llorchv1 "github.com/llorch/llorch/internal/gen/llorch/v1"
 	"github.com/llorch/llorch/internal/gen/llorch/v1/llorchv1connect"
 )
@@ -27,9 +35,15 @@ type Config struct {
 	StateDir   string
 	ControlURL string // https://host:port
 	Token      string
-	Hostname   string    // sent for the node's default name
-	Now        time.Time // zero: time.Now()
-	Timeout    time.Duration
+	Hostname   string        // sent for the node's default name
+	Clock      clock.Clock   // nil: the wall clock
+	Timeout    time.Duration // one attempt's limit; 0: 30s
+	// RetryFor bounds how long Enroll keeps trying while the control plane
+	// rate-limits enrollments; 0: 2 minutes.
+	RetryFor time.Duration
+	// Progress receives a line each time Enroll waits for a rate limit
+	// (the `edge` command passes stderr); nil: discard.
+	Progress io.Writer
 }
 
 // Result is the identity now on disk.
@@ -39,18 +53,22 @@ type Result struct {
 	AlreadyEnrolled bool
 }
 
-// Enroll enrolls the machine unless it already holds a valid identity.
+// Enroll enrolls the machine unless it already holds a valid identity (it
+// then spends no token, and needs no lock: an agent may be running on the
+// directory). To enroll it holds the state directory's lock (state.Lock),
+// so it is refused with an error wrapping state.ErrLocked while an agent or
+// another enrollment holds it.
+//
+// When the control plane rate-limits enrollments, Enroll waits as long as
+// it asks (a line on Progress each time) and tries again, for at most
+// RetryFor. A refused attempt spends no token; only a success does.
 func Enroll(ctx context.Context, cfg Config) (Result, error) {
-	now := cfg.Now
-	if now.IsZero() {
-		now = time.Now()
+	clk := cfg.Clock
+	if clk == nil {
+		clk = clock.Real{}
 	}
-	existing, err := state.Load(cfg.StateDir)
-	switch {
-	case err == nil && !existing.Expired(now):
-		return Result{Identity: existing, AlreadyEnrolled: true}, nil
-	case err != nil && !errors.Is(err, state.ErrNotEnrolled):
-		return Result{}, fmt.Errorf("state directory %s holds a damaged identity (%w); move it away to enroll afresh", cfg.StateDir, err)
+	if res, ok, err := enrolled(cfg.StateDir, clk.Now()); ok || err != nil {
+		return res, err
 	}
 	// Nothing valid on disk (or an expired identity, which enrolling replaces).
 	token, err := certs.ParseJoinToken(cfg.Token)
@@ -61,6 +79,16 @@ func Enroll(ctx context.Context, cfg Config) (Result, error) {
 	if err != nil || u.Scheme != "https" || u.Host == "" {
 		return Result{}, fmt.Errorf("control URL %q: must be https://host:port", cfg.ControlURL)
 	}
+	release, err := state.Lock(cfg.StateDir)
+	if err != nil {
+		return Result{}, err
+	}
+	defer release()
+	// Another enrollment may have finished since the look above.
+	if res, ok, err := enrolled(cfg.StateDir, clk.Now()); ok || err != nil {
+		return res, err
+	}
+
 	key, err := certs.NewKey()
 	if err != nil {
 		return Result{}, err
@@ -79,22 +107,92 @@ func Enroll(ctx context.Context, cfg Config) (Result, error) {
 	}
 	defer transport.CloseIdleConnections()
 	hc := &http.Client{Timeout: timeout, Transport: transport}
-	client := llorchv1connect.NewEnrollServiceClient(hc, cfg.ControlURL)
-	resp, err := client.Enroll(ctx, connect.NewRequest(&llorchv1.EnrollRequest{
-		Token: token.String(), Csr: csr, Hostname: cfg.Hostname,
-	}))
+	enrollments := llorchv1connect.NewEnrollServiceClient(hc, cfg.ControlURL)
+	req := &llorchv1.EnrollRequest{Token: token.String(), Csr: csr, Hostname: cfg.Hostname}
+	msg, err := call(ctx, cfg, clk, func() (*llorchv1.EnrollResponse, error) {
+		resp, err := enrollments.Enroll(ctx, connect.NewRequest(req))
+		if err != nil {
+			return nil, err
+		}
+		return resp.Msg, nil
+	})
 	if err != nil {
-		return Result{}, explain(err, cfg.ControlURL)
+		return Result{}, err
 	}
-	id, err := identityFrom(resp.Msg, key, token.Fingerprint, cfg.ControlURL)
+	id, err := identityFrom(msg, key, token.Fingerprint, cfg.ControlURL)
 	if err != nil {
 		return Result{}, fmt.Errorf("the control plane's answer is unusable: %w", err)
 	}
-	id.EnrolledAt = now
+	id.EnrolledAt = clk.Now()
 	if err := state.Save(cfg.StateDir, id); err != nil {
 		return Result{}, fmt.Errorf("save identity (the token is spent; fix the state directory and enroll with a new token): %w", err)
 	}
 	return Result{Identity: id}, nil
+}
+
+// enrolled looks for a valid identity in dir: ok when there is one; an
+// error when dir holds a damaged one.
+func enrolled(dir string, now time.Time) (res Result, ok bool, err error) {
+	existing, err := state.Load(dir)
+	switch {
+	case err == nil && !existing.Expired(now):
+		return Result{Identity: existing, AlreadyEnrolled: true}, true, nil
+	case err != nil && !errors.Is(err, state.ErrNotEnrolled):
+		return Result{}, false, fmt.Errorf("state directory %s holds a damaged identity (%w); move it away to enroll afresh", dir, err)
+	}
+	return Result{}, false, nil
+}
+
+// defaultRetryFor bounds the waits for a rate limit.
+const defaultRetryFor = 2 * time.Minute
+
+// call makes the enrollment call, and again after the wait the control
+// plane asks for while it rate-limits, for at most cfg.RetryFor. The same
+// request is sent each time: a refused one spent nothing.
+func call(ctx context.Context, cfg Config, clk clock.Clock, enroll func() (*llorchv1.EnrollResponse, error)) (*llorchv1.EnrollResponse, error) {
+	retryFor := cfg.RetryFor
+	if retryFor <= 0 {
+		retryFor = defaultRetryFor
+	}
+	progress := cfg.Progress
+	if progress == nil {
+		progress = io.Discard
+	}
+	giveUp := clk.Now().Add(retryFor)
+	for attempt := 0; ; attempt++ {
+		msg, err := enroll()
+		if err == nil {
+			return msg, nil
+		}
+		ref, ok := errors.AsType[*edge.RefusalError](client.Explain(err))
+		if !ok || !errors.Is(ref, edge.ErrRateLimited) {
+			return nil, explain(err, cfg.ControlURL)
+		}
+		wait := ref.RetryAfter
+		if wait <= 0 { // no hint: back off on our own
+			wait = max(backoff.FullJitter(attempt, time.Second, 30*time.Second, rand.Float64()), time.Second)
+		}
+		if clk.Now().Add(wait).After(giveUp) {
+			return nil, fmt.Errorf("enrollment still refused after %s of retries; try again later: %w", retryFor, ref)
+		}
+		fmt.Fprintf(progress, "enrollment rate-limited by the control plane; retrying in %s\n", roundWait(wait))
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-clk.After(wait):
+		}
+	}
+}
+
+// roundWait shows a wait as people read it: 3s, 1.5s, 250ms.
+func roundWait(d time.Duration) time.Duration {
+	if d >= 10*time.Second {
+		return d.Round(time.Second)
+	}
+	if d >= time.Second {
+		return d.Round(100 * time.Millisecond)
+	}
+	return d.Round(10 * time.Millisecond)
 }
 
 // identityFrom checks the control plane's answer: the certificate is for our

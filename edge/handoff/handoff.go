@@ -20,6 +20,14 @@
 // is reported with its reason and never stops the watcher. Writers should
 // write a temporary file and rename it; a file written in place may look
 // malformed for one scan.
+//
+// The watcher reads only regular files of at most MaxFileSize bytes inside
+// the directory: a FIFO, socket or device is reported ("not a regular file
+// (fifo)") and never opened for reading, a symlink is followed only while it
+// stays inside the directory (through os.Root; one to /etc/shadow or ../x is
+// reported and not read), and subdirectories are ignored. A snapshot holds
+// at most MaxReplicas replicas and MaxErrors file errors, those of the first
+// files by name, and counts the rest.
 package handoff
 
 import (
@@ -84,6 +92,11 @@ type Snapshot struct {
 	// replicas are then those of the last successful scan. A missing
 	// directory is not an error: it holds no replicas.
 	DirError string
+	// DroppedReplicas counts the valid replicas left out past MaxReplicas
+	// (those of the last files by name); they are not probed either.
+	DroppedReplicas int
+	// DroppedErrors counts the file errors left out past MaxErrors.
+	DroppedErrors int
 }
 
 // Pool is the replicas of one pool, summed up for reporting.

@@ -10,19 +10,33 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/llorch/llorch/internal/clock"
 )
 
+// Bounds on what the watcher reads and reports, so that a crowded or hostile
+// engines directory cannot make the edge read without end or send a
+// heartbeat larger than the control plane accepts.
 const (
-	// maxFileSize bounds what the watcher reads of one handoff file.
-	maxFileSize = 1 << 20
+	// MaxFileSize bounds a handoff file (a few hundred bytes is usual): a
+	// larger one is reported as an error and never read past the bound.
+	MaxFileSize = 64 << 10
+	// MaxReplicas bounds the replicas a Snapshot holds: those of the first
+	// files by name, so the choice is stable. The others are counted in
+	// Snapshot.DroppedReplicas and not probed.
+	MaxReplicas = 256
+	// MaxErrors bounds the file errors a Snapshot holds: those of the first
+	// files by name. The others are counted in Snapshot.DroppedErrors.
+	MaxErrors = 64
+)
+
+const (
 	// racyWindow: a file modified less than this long before a scan is read
 	// again on the next scan even if its size and mtime look unchanged, since
 	// two writes within one mtime tick (coarse on some filesystems) can leave
@@ -74,6 +88,8 @@ type Watcher struct {
 	dirErr     string
 	dirMissing bool
 	gen        uint64
+	// The caps were biting at the last publication (logged when they start).
+	replicasCapped, errorsCapped bool
 }
 
 // fileState is the last reading of one file.
@@ -83,8 +99,9 @@ type fileState struct {
 	racy     bool    // mtime was too recent to trust; read again on the next scan
 	rep      Replica // valid when reason == ""
 	reason   string  // why the file is malformed or unreadable
-	reported bool    // in Snapshot.Replicas (false when malformed or a duplicate)
+	reported bool    // in Snapshot.Replicas (false when malformed, a duplicate or dropped)
 	dupOf    string  // the file that hands off the same replica, when this one is a duplicate
+	dropped  bool    // valid, but past MaxReplicas
 }
 
 // probeState is a replica's engine health. It survives the file turning
@@ -152,11 +169,10 @@ func New(cfg Config) *Watcher {
 func (w *Watcher) Snapshot() Snapshot {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return Snapshot{
-		Replicas: slices.Clone(w.snap.Replicas),
-		Errors:   slices.Clone(w.snap.Errors),
-		DirError: w.snap.DirError,
-	}
+	s := w.snap
+	s.Replicas = slices.Clone(s.Replicas)
+	s.Errors = slices.Clone(s.Errors)
+	return s
 }
 
 // Changed receives a value (the channel holds at most one) whenever the
@@ -215,8 +231,15 @@ func (w *Watcher) Run(ctx context.Context) error {
 }
 
 // scan reads the directory and the files that changed since the last scan.
+// Files are reached through an os.Root on the directory, so no symlink is
+// followed out of it.
 func (w *Watcher) scan() {
-	entries, err := os.ReadDir(w.dir)
+	root, err := os.OpenRoot(w.dir)
+	var entries []fs.DirEntry
+	if err == nil {
+		defer root.Close()
+		entries, err = readDir(root)
+	}
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		if !w.dirMissing {
@@ -228,7 +251,7 @@ func (w *Watcher) scan() {
 		}
 		return
 	case err != nil:
-		reason := err.Error()
+		reason := unwrapPathError(err).Error()
 		if fi, serr := os.Stat(w.dir); serr == nil && !fi.IsDir() {
 			reason = fmt.Sprintf("%s is not a directory", w.dir)
 		}
@@ -249,22 +272,32 @@ func (w *Watcher) scan() {
 		if !isHandoffName(name) {
 			continue
 		}
-		fi, err := os.Stat(filepath.Join(w.dir, name)) // follows symlinks
+		// Follows a symlink only while it stays inside the directory.
+		fi, err := root.Stat(name)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue // removed since ReadDir, or a dangling symlink
 		}
-		if err == nil && !fi.Mode().IsRegular() {
+		if err == nil && fi.IsDir() {
 			continue
 		}
 		seen[name] = true
-		w.scanFile(name, fi, err)
+		w.scanFile(root, name, e.Type()&fs.ModeSymlink != 0, fi, err)
 	}
 	for name := range w.files {
 		if !seen[name] {
 			w.removeFile(name)
 		}
 	}
-	w.resolveDuplicates()
+	w.resolve()
+}
+
+func readDir(root *os.Root) ([]fs.DirEntry, error) {
+	d, err := root.Open(".")
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	return d.ReadDir(-1)
 }
 
 // isHandoffName says whether a directory entry is a handoff file.
@@ -272,33 +305,40 @@ func isHandoffName(name string) bool {
 	return strings.HasSuffix(name, ".json") && !strings.HasPrefix(name, ".") && len(name) > len(".json")
 }
 
-// scanFile reads name again if it is new or changed (or was racy).
-func (w *Watcher) scanFile(name string, fi fs.FileInfo, statErr error) {
+// scanFile reads name again if it is new or changed (or was racy). fi and
+// statErr are what root.Stat said of it; symlink, whether the entry is one.
+func (w *Watcher) scanFile(root *os.Root, name string, symlink bool, fi fs.FileInfo, statErr error) {
 	old := w.files[name]
-	if statErr == nil && old != nil && !old.racy && old.size == fi.Size() && old.mtime.Equal(fi.ModTime()) {
+	if statErr == nil && fi.Mode().IsRegular() && old != nil && !old.racy && old.size == fi.Size() && old.mtime.Equal(fi.ModTime()) {
 		return
 	}
 	st := &fileState{}
 	if old != nil {
 		st.dupOf = old.dupOf // so a duplicate is logged once, not at every reading
 	}
-	if statErr == nil {
+	var data []byte
+	err := statErr
+	switch {
+	case err != nil:
+	case !fi.Mode().IsRegular():
+		err = notRegularError{fi.Mode()} // never opened
+	default:
+		var opened fs.FileInfo
+		data, opened, err = readFile(root, name)
+		if opened != nil {
+			fi = opened // what was read, if the file was replaced since the Stat
+		}
 		st.size, st.mtime = fi.Size(), fi.ModTime()
 		// The filesystem stamps mtimes with the wall clock, so this compares
 		// against the wall clock, not the injected one.
 		st.racy = time.Since(st.mtime) < racyWindow
-	}
-	var data []byte
-	err := statErr
-	if err == nil {
-		data, err = readFile(filepath.Join(w.dir, name))
 	}
 	if errors.Is(err, fs.ErrNotExist) {
 		w.removeFile(name)
 		return
 	}
 	if err != nil {
-		st.reason = fmt.Sprintf("cannot read: %v", unwrapPathError(err))
+		st.reason = unreadableReason(symlink && statErr != nil, err)
 	} else if rep, err := Parse(data); err != nil {
 		st.reason = err.Error()
 	} else {
@@ -341,9 +381,10 @@ func (w *Watcher) removeFile(name string) {
 	delete(w.probes, name)
 }
 
-// resolveDuplicates keeps, of files naming the same pool and replica, the
-// first by file name, and reports the others.
-func (w *Watcher) resolveDuplicates() {
+// resolve keeps, of files naming the same pool and replica, the first by
+// file name, and reports the others as duplicates; of the rest, it reports
+// the first MaxReplicas by file name and drops the others.
+func (w *Watcher) resolve() {
 	names := make([]string, 0, len(w.files))
 	for name := range w.files {
 		names = append(names, name)
@@ -352,7 +393,7 @@ func (w *Watcher) resolveDuplicates() {
 	owner := map[[2]string]string{}
 	for _, name := range names {
 		st := w.files[name]
-		st.reported = false
+		st.reported, st.dropped = false, false
 		if st.reason != "" {
 			st.dupOf = ""
 			continue
@@ -367,6 +408,10 @@ func (w *Watcher) resolveDuplicates() {
 		}
 		st.dupOf = ""
 		owner[key] = name
+		if len(owner) > MaxReplicas {
+			st.dropped = true
+			continue
+		}
 		st.reported = true
 	}
 }
@@ -481,8 +526,10 @@ func (w *Watcher) publish() {
 		switch {
 		case st.reason != "":
 			s.Errors = append(s.Errors, FileError{File: name, Reason: st.reason})
-		case !st.reported:
+		case st.dupOf != "":
 			s.Errors = append(s.Errors, FileError{File: name, Reason: fmt.Sprintf("duplicate replica: pool %q replica %q is already handed off by %s", st.rep.PoolID, st.rep.ReplicaID, st.dupOf)})
+		case st.dropped:
+			s.DroppedReplicas++
 		default:
 			r := st.rep
 			if p := w.probes[name]; p != nil {
@@ -493,6 +540,11 @@ func (w *Watcher) publish() {
 	}
 	sortReplicas(s.Replicas)
 	slices.SortFunc(s.Errors, func(a, b FileError) int { return strings.Compare(a.File, b.File) })
+	if len(s.Errors) > MaxErrors {
+		s.DroppedErrors = len(s.Errors) - MaxErrors
+		s.Errors = s.Errors[:MaxErrors:MaxErrors]
+	}
+	w.logCaps(s)
 
 	w.mu.Lock()
 	same := equalSnapshots(w.snap, s)
@@ -508,8 +560,31 @@ func (w *Watcher) publish() {
 	}
 }
 
+// logCaps warns when a cap starts to bite, and says when it stops.
+func (w *Watcher) logCaps(s Snapshot) {
+	if capped := s.DroppedReplicas > 0; capped != w.replicasCapped {
+		w.replicasCapped = capped
+		if capped {
+			w.log.Warn("more engine replicas handed off than a heartbeat carries: reporting those of the first files by name, counting the others as dropped",
+				"dir", w.dir, "reported", len(s.Replicas), "dropped", s.DroppedReplicas)
+		} else {
+			w.log.Info("every engine replica handed off is reported again", "dir", w.dir)
+		}
+	}
+	if capped := s.DroppedErrors > 0; capped != w.errorsCapped {
+		w.errorsCapped = capped
+		if capped {
+			w.log.Warn("more bad engine handoff files than a heartbeat carries: reporting those of the first files by name, counting the others as dropped",
+				"dir", w.dir, "reported", len(s.Errors), "dropped", s.DroppedErrors)
+		} else {
+			w.log.Info("every bad engine handoff file is reported again", "dir", w.dir)
+		}
+	}
+}
+
 func equalSnapshots(a, b Snapshot) bool {
 	return a.DirError == b.DirError &&
+		a.DroppedReplicas == b.DroppedReplicas && a.DroppedErrors == b.DroppedErrors &&
 		slices.Equal(a.Errors, b.Errors) &&
 		slices.EqualFunc(a.Replicas, b.Replicas, func(x, y Replica) bool {
 			return sameContent(x, y) && x.File == y.File && x.Ready == y.Ready && x.ProbeError == y.ProbeError && x.ModTime.Equal(y.ModTime)
@@ -523,21 +598,73 @@ func sameContent(a, b Replica) bool {
 		a.DeviceMask == b.DeviceMask && a.Slots == b.Slots && a.PID == b.PID
 }
 
-// readFile reads at most maxFileSize bytes of path.
-func readFile(path string) ([]byte, error) {
-	f, err := os.Open(path)
+// readFile reads name, a regular file of at most MaxFileSize bytes, and
+// returns what fstat said of the file it opened. It opens without blocking
+// and checks the open file, so a FIFO or a device that replaced the file
+// since it was looked at is refused, never waited on nor read; and it never
+// reads past MaxFileSize.
+func readFile(root *os.Root, name string) ([]byte, fs.FileInfo, error) {
+	f, err := root.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxFileSize+1))
+	fi, err := f.Stat()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	if len(data) > maxFileSize {
-		return nil, fmt.Errorf("larger than %d bytes", maxFileSize)
+	if !fi.Mode().IsRegular() {
+		return nil, fi, notRegularError{fi.Mode()}
 	}
-	return data, nil
+	if fi.Size() > MaxFileSize {
+		return nil, fi, errTooLarge
+	}
+	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize))
+	if err != nil {
+		return nil, fi, err
+	}
+	if len(data) == MaxFileSize {
+		// It may have grown since the fstat: ask again rather than read on.
+		if now, err := f.Stat(); err == nil && now.Size() > MaxFileSize {
+			return nil, now, errTooLarge
+		}
+	}
+	return data, fi, nil
+}
+
+var errTooLarge = fmt.Errorf("larger than %d KiB", MaxFileSize>>10)
+
+// notRegularError refuses a FIFO, socket or device.
+type notRegularError struct{ mode fs.FileMode }
+
+func (e notRegularError) Error() string {
+	kind := "irregular file"
+	switch {
+	case e.mode&fs.ModeNamedPipe != 0:
+		kind = "fifo"
+	case e.mode&fs.ModeSocket != 0:
+		kind = "socket"
+	case e.mode&fs.ModeCharDevice != 0:
+		kind = "character device"
+	case e.mode&fs.ModeDevice != 0:
+		kind = "block device"
+	case e.mode.IsDir():
+		kind = "directory"
+	}
+	return "not a regular file (" + kind + ")"
+}
+
+// unreadableReason is a file error's reason in the snapshot. badLink says
+// the file is a symlink that could not be resolved inside the directory.
+func unreadableReason(badLink bool, err error) string {
+	var notRegular notRegularError
+	switch {
+	case errors.Is(err, errTooLarge), errors.As(err, &notRegular):
+		return err.Error()
+	case badLink:
+		return fmt.Sprintf("symlink not followed: %v", unwrapPathError(err))
+	}
+	return fmt.Sprintf("cannot read: %v", unwrapPathError(err))
 }
 
 func unwrapPathError(err error) error {

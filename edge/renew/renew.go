@@ -13,13 +13,15 @@ import (
 	"math/rand/v2"
 	"time"
 
+	"github.com/llorch/llorch/edge"
 	"github.com/llorch/llorch/internal/backoff"
 	"github.com/llorch/llorch/internal/clock"
 )
 
 // ErrExpired says the certificate expired before it could be renewed. The
-// node must enroll again.
-var ErrExpired = errors.New("certificate expired")
+// node must enroll again. It is edge.ErrCertExpired, so the edge's callers
+// need to know only that one.
+var ErrExpired = edge.ErrCertExpired
 
 // maxSleep is the longest Run waits on one timer before it looks at the clock
 // again: a timer does not count the time a laptop spends asleep.
@@ -57,11 +59,13 @@ type Config struct {
 	Current func() (notBefore, notAfter time.Time)
 	// Renew makes a fresh key, asks the control plane to sign it and saves
 	// the result, so that Current returns the new certificate once it
-	// returns nil. It is called when due. Required.
+	// returns nil. It is called when due. Required. When its error is (or
+	// wraps) an *edge.RefusalError with a RetryAfter (the control plane is
+	// rate limiting renewals), the next attempt waits at least that long.
 	Renew func(ctx context.Context) error
 	// RetryMin, RetryMax bound the exponential backoff with full jitter after
-	// a failed Renew (0: 10s and 5m). A retry never waits less than a second,
-	// nor past the certificate's notAfter.
+	// a failed Renew (0: 10s and 5m). A retry never waits less than a second
+	// or the control plane's retry hint, nor past the certificate's notAfter.
 	RetryMin, RetryMax time.Duration
 	// Rand returns a float in [0,1) for the jitter (nil: math/rand/v2 Float64).
 	Rand func() float64
@@ -154,6 +158,9 @@ func Run(ctx context.Context, cfg Config) error {
 		lastErr = err
 		now = clk.Now()
 		wait := max(backoff.FullJitter(failures, retryMin, retryMax, rnd()), minRetryWait)
+		if ref, ok := errors.AsType[*edge.RefusalError](err); ok {
+			wait = max(wait, ref.RetryAfter)
+		}
 		failures++
 		retryAt = now.Add(wait)
 		if retryAt.After(na) {

@@ -3,14 +3,19 @@ package renew_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
+
+	"github.com/llorch/llorch/edge"
 	"github.com/llorch/llorch/edge/renew"
 	"github.com/llorch/llorch/internal/clock"
+	"github.com/llorch/llorch/internal/refusal"
 )
 
 var t0 = time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
@@ -304,6 +309,34 @@ func TestRunRetriesWithBackoff(t *testing.T) {
 	clk.Advance(time.Minute)
 	waitBlocked(t, clk, done)
 	assertCalls(t, n, 60*time.Minute, 60*time.Minute+5*time.Second, renewed, renewed+60*time.Minute)
+}
+
+// A renewal refused with a retry hint (rate limited) is retried no sooner
+// than the hint, even when the backoff is shorter.
+func TestRunWaitsTheRetryHint(t *testing.T) {
+	clk := clock.NewFake(t0)
+	n := newNode(clk, t0, 90*time.Minute)
+	n.fail = func(call int) error {
+		if call == 1 {
+			return fmt.Errorf("renew: %w", &edge.RefusalError{Code: connect.CodeResourceExhausted, Reason: refusal.RateLimited, RetryAfter: 45 * time.Second})
+		}
+		return nil
+	}
+	cfg := n.config()
+	cfg.RetryMin, cfg.RetryMax = 10*time.Second, 5*time.Minute // the backoff alone would wait 5s
+	done, _ := start(t, cfg)
+
+	waitBlocked(t, clk, done)
+	clk.Advance(60 * time.Minute)
+	waitBlocked(t, clk, done)
+	assertCalls(t, n, 60*time.Minute)
+
+	clk.Advance(44 * time.Second)
+	waitBlocked(t, clk, done)
+	assertCalls(t, n, 60*time.Minute)
+	clk.Advance(time.Second)
+	waitBlocked(t, clk, done)
+	assertCalls(t, n, 60*time.Minute, 60*time.Minute+45*time.Second)
 }
 
 func TestRunExpiresWhileRenewalsFail(t *testing.T) {

@@ -53,8 +53,24 @@ type Config struct {
 	Logger                 *slog.Logger // nil: discard
 }
 
+// registerTimeout is how long the edge waits for Registered before it gives
+// the session up and reconnects.
+const registerTimeout = 30 * time.Second
+
+// tooLargeLogEvery is how often a report refused as too large is logged at
+// ERROR while the refusals go on.
+const tooLargeLogEvery = time.Minute
+
 // Run keeps a session up until ctx ends, then says goodbye. It returns early
-// only when the node can no longer act (revoked, expired, superseded).
+// only when the node can no longer act (revoked, expired, superseded): the
+// error is then an *edge.RefusalError for which errors.Is(err,
+// edge.ErrRevoked) (or ErrCertExpired, ErrSuperseded) holds.
+//
+// Every other loss is retried: after the control plane's retry hint when it
+// gives one (a DISCONNECT's retry_after, or Llorch-Retry-After-Ms on an
+// Unavailable or rate-limited refusal), else after the backoff. A report
+// refused as too large is logged at ERROR (at most once a minute) and
+// retried with the backoff, since the next report may be smaller.
 func Run(ctx context.Context, cfg Config) error {
 	if cfg.BackoffMin == 0 {
 		cfg.BackoffMin = 500 * time.Millisecond
@@ -68,17 +84,25 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	attempt := 0
-	var interval time.Duration // the heartbeat interval of the last session; 0 before one
+	var (
+		attempt        int
+		interval       time.Duration // the heartbeat interval of the last session; 0 before one
+		tooLargeLogged time.Time     // when a too-large refusal was last logged
+	)
 	for {
-		res := runOnce(ctx, cfg, &interval)
+		res := runOnce(ctx, &cfg)
 		if ctx.Err() != nil {
 			return nil
 		}
 		if res.fatal != nil {
 			return res.fatal
 		}
-		if res.registered {
+		if res.interval > 0 {
+			interval = res.interval
+		}
+		// A session that registered resets the backoff, unless its report
+		// was refused: the next one would be refused again at once.
+		if res.registered && !res.tooLarge {
 			attempt = 0
 		}
 		if res.reconnect {
@@ -97,7 +121,15 @@ func Run(ctx context.Context, cfg Config) error {
 			wait = res.retryAfter
 		}
 		attempt++
-		cfg.Logger.Warn("session lost; reconnecting", "err", res.err, "in", wait.Round(time.Millisecond))
+		lost := cfg.Logger.Warn
+		if res.tooLarge {
+			lost = cfg.Logger.Debug
+			if now := cfg.Clock.Now(); tooLargeLogged.IsZero() || now.Sub(tooLargeLogged) >= tooLargeLogEvery {
+				tooLargeLogged = now
+				cfg.Logger.Error("the control plane refused this node's report as too large; reduce the engine replicas or handoff files reported (dropped ones are counted)", "err", res.err)
+			}
+		}
+		lost("session lost; reconnecting", "err", res.err, "in", wait.Round(time.Millisecond))
 		select {
 		case <-ctx.Done():
 			return nil
@@ -106,12 +138,15 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 }
 
+// outcome is how one session ended.
 type outcome struct {
 	registered bool
-	reconnect  bool
-	retryAfter time.Duration
-	err        error
-	fatal      error
+	reconnect  bool          // to present a renewed certificate
+	interval   time.Duration // the heartbeat interval the control plane set; 0: none
+	retryAfter time.Duration // the control plane's retry hint; 0: none
+	tooLarge   bool          // the control plane refused a message as too large
+	err        error         // why the session ended; retried
+	fatal      error         // the node can no longer act; not retried
 }
 
 type incoming struct {
@@ -119,158 +154,191 @@ type incoming struct {
 	err error
 }
 
+type sessionStream = connect.BidiStreamForClient[llorchv1.ConnectRequest, llorchv1.ConnectResponse]
+
+// session is one session from dial to loss.
+type session struct {
+	cfg       *Config
+	stream    *sessionStream
+	msgs      chan incoming // from the reader goroutine, once registering
+	interval  time.Duration
+	seq       uint64
+	sent      map[uint64]time.Time // unacknowledged heartbeats
+	lastHeard time.Time
+}
+
 // runOnce runs one session from dial to loss.
-func runOnce(ctx context.Context, cfg Config, lastInterval *time.Duration) (out outcome) {
+func runOnce(ctx context.Context, cfg *Config) outcome {
 	streamCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	stream := cfg.Dial().Connect(streamCtx)
+	s := &session{cfg: cfg, stream: cfg.Dial().Connect(streamCtx), sent: map[uint64]time.Time{}}
 	defer func() {
 		cancel()
-		stream.CloseResponse()
+		s.stream.CloseResponse()
 	}()
-	register := &llorchv1.Register{System: cfg.System, Status: cfg.Report(ctx)}
-	if err := stream.Send(&llorchv1.ConnectRequest{Message: &llorchv1.ConnectRequest_Register{Register: register}}); err != nil {
+	if out, ok := s.register(ctx, streamCtx); !ok {
+		return out
+	}
+	out := s.run(ctx)
+	out.registered, out.interval = true, s.interval
+	return out
+}
+
+// register sends Register and waits for Registered; when it returns false
+// the session is over and the outcome says why.
+func (s *session) register(ctx, streamCtx context.Context) (outcome, bool) {
+	register := &llorchv1.Register{System: s.cfg.System, Status: s.cfg.Report(ctx)}
+	if err := s.stream.Send(&llorchv1.ConnectRequest{Message: &llorchv1.ConnectRequest_Register{Register: register}}); err != nil {
 		if errors.Is(err, io.EOF) {
 			// The server ended the stream; the real error comes from Receive
 			// (nothing else reads the stream yet).
-			_, err = stream.Receive()
+			_, err = s.stream.Receive()
 		}
-		return classify(err)
+		return classify(err), false
 	}
-	msgs := make(chan incoming, 4)
-	go func() {
-		for {
-			m, err := stream.Receive()
-			select {
-			case msgs <- incoming{m, err}:
-			case <-streamCtx.Done():
-				return
-			}
-			if err != nil {
-				return
-			}
-		}
-	}()
+	s.msgs = make(chan incoming, 4)
+	go s.receive(streamCtx)
 
 	// The first answer must be Registered.
 	var first incoming
 	select {
-	case first = <-msgs:
+	case first = <-s.msgs:
 	case <-ctx.Done():
 		// Stopped while registering: the control plane may have registered
 		// the node already, so say goodbye all the same.
-		goodbye(stream, msgs, cfg.Clock)
-		return outcome{}
-	case <-cfg.Clock.After(30 * time.Second):
-		return outcome{err: errors.New("no answer to Register within 30s")}
+		s.goodbye()
+		return outcome{}, false
+	case <-s.cfg.Clock.After(registerTimeout):
+		return outcome{err: fmt.Errorf("no answer to Register within %s", registerTimeout)}, false
 	}
 	if first.err != nil {
-		return classify(first.err)
+		return classify(first.err), false
 	}
 	registered := first.msg.GetRegistered()
 	if registered == nil {
-		return outcome{err: fmt.Errorf("unexpected first message %T", first.msg.GetMessage())}
+		return outcome{err: fmt.Errorf("unexpected first message %T", first.msg.GetMessage())}, false
 	}
-	out.registered = true
-	if cfg.OnRegistered != nil {
-		cfg.OnRegistered(registered)
+	if s.cfg.OnRegistered != nil {
+		s.cfg.OnRegistered(registered)
 	}
-	interval := registered.GetHeartbeatInterval().AsDuration()
-	if interval <= 0 {
-		interval = 10 * time.Second
+	s.interval = registered.GetHeartbeatInterval().AsDuration()
+	if s.interval <= 0 {
+		s.interval = 10 * time.Second
 	}
-	*lastInterval = interval
-	cfg.Logger.Info("session registered", "heartbeat_interval", interval, "draining", registered.GetDraining())
+	s.lastHeard = s.cfg.Clock.Now()
+	s.cfg.Logger.Info("session registered", "heartbeat_interval", s.interval, "draining", registered.GetDraining())
+	return outcome{}, true
+}
 
-	var (
-		seq       uint64
-		sent      = map[uint64]time.Time{}
-		lastHeard = cfg.Clock.Now()
-		next      = cfg.Clock.After(interval)
-	)
-	beat := func() error {
-		seq++
-		now := cfg.Clock.Now()
-		sent[seq] = now
-		hb := &llorchv1.Heartbeat{Seq: seq, SentAt: timestamppb.New(now), Status: cfg.Report(ctx)}
-		return stream.Send(&llorchv1.ConnectRequest{Message: &llorchv1.ConnectRequest_Heartbeat{Heartbeat: hb}})
+// receive hands what the control plane sends to the session, until the
+// stream fails or streamCtx ends.
+func (s *session) receive(streamCtx context.Context) {
+	for {
+		m, err := s.stream.Receive()
+		select {
+		case s.msgs <- incoming{m, err}:
+		case <-streamCtx.Done():
+			return
+		}
+		if err != nil {
+			return
+		}
 	}
+}
+
+// run heartbeats and handles what the control plane sends until the
+// session is lost, ctx ends (goodbye) or a renewal asks for a reconnect.
+func (s *session) run(ctx context.Context) outcome {
+	next := s.cfg.Clock.After(s.interval)
 	for {
 		select {
 		case <-ctx.Done():
-			goodbye(stream, msgs, cfg.Clock)
+			s.goodbye()
 			return outcome{}
 		case <-next:
-			if cfg.Clock.Now().Sub(lastHeard) > 3*interval {
-				out.err = fmt.Errorf("no word from the control plane for %s", cfg.Clock.Now().Sub(lastHeard).Round(time.Second))
-				return out
+			if silent := s.cfg.Clock.Now().Sub(s.lastHeard); silent > 3*s.interval {
+				return outcome{err: fmt.Errorf("no word from the control plane for %s", silent.Round(time.Second))}
 			}
-			if err := beat(); err != nil {
-				r := sendFailed(err, msgs, cfg.Clock)
-				r.registered = true
-				return r
+			if err := s.beat(ctx); err != nil {
+				return s.sendFailed(err)
 			}
-			next = cfg.Clock.After(interval)
-		case <-cfg.Reconnect:
-			stream.CloseRequest()
-			return outcome{registered: true, reconnect: true}
-		case <-cfg.Changed:
-			if err := beat(); err != nil {
-				r := sendFailed(err, msgs, cfg.Clock)
-				r.registered = true
-				return r
+			next = s.cfg.Clock.After(s.interval)
+		case <-s.cfg.Reconnect:
+			s.stream.CloseRequest()
+			return outcome{reconnect: true}
+		case <-s.cfg.Changed:
+			if err := s.beat(ctx); err != nil {
+				return s.sendFailed(err)
 			}
-		case in := <-msgs:
+		case in := <-s.msgs:
 			if in.err != nil {
-				r := classify(in.err)
-				r.registered = true
-				return r
+				return classify(in.err)
 			}
-			lastHeard = cfg.Clock.Now()
-			switch m := in.msg.GetMessage().(type) {
-			case *llorchv1.ConnectResponse_HeartbeatAck:
-				if at, ok := sent[m.HeartbeatAck.GetSeq()]; ok {
-					if cfg.OnAck != nil {
-						cfg.OnAck(cfg.Clock.Now().Sub(at))
-					}
-					delete(sent, m.HeartbeatAck.GetSeq())
-				}
-				if d := m.HeartbeatAck.GetHeartbeatInterval().AsDuration(); d > 0 && d != interval {
-					interval, *lastInterval = d, d
-				}
-			case *llorchv1.ConnectResponse_Command:
-				cmd := m.Command
-				cfg.Logger.Info("command from the control plane", "kind", cmd.GetKind().String(), "reason", cmd.GetReason())
-				if cmd.GetKind() == llorchv1.CommandKind_COMMAND_KIND_DISCONNECT {
-					out.retryAfter = cmd.GetRetryAfter().AsDuration()
-					out.err = fmt.Errorf("disconnected by the control plane: %s", cmd.GetReason())
-					return out
-				}
-				if cfg.OnCommand != nil {
-					cfg.OnCommand(cmd)
-				}
-			}
-			// Keep the map of unacknowledged heartbeats small.
-			for s, at := range sent {
-				if cfg.Clock.Now().Sub(at) > 3*interval {
-					delete(sent, s)
-				}
+			if out, done := s.handle(in.msg); done {
+				return out
 			}
 		}
 	}
 }
 
+// beat sends the next heartbeat.
+func (s *session) beat(ctx context.Context) error {
+	s.seq++
+	now := s.cfg.Clock.Now()
+	s.sent[s.seq] = now
+	hb := &llorchv1.Heartbeat{Seq: s.seq, SentAt: timestamppb.New(now), Status: s.cfg.Report(ctx)}
+	return s.stream.Send(&llorchv1.ConnectRequest{Message: &llorchv1.ConnectRequest_Heartbeat{Heartbeat: hb}})
+}
+
+// handle acts on one message from the control plane; done says the session
+// is over (a DISCONNECT), and the outcome how.
+func (s *session) handle(msg *llorchv1.ConnectResponse) (out outcome, done bool) {
+	now := s.cfg.Clock.Now()
+	s.lastHeard = now
+	switch m := msg.GetMessage().(type) {
+	case *llorchv1.ConnectResponse_HeartbeatAck:
+		if at, ok := s.sent[m.HeartbeatAck.GetSeq()]; ok {
+			if s.cfg.OnAck != nil {
+				s.cfg.OnAck(now.Sub(at))
+			}
+			delete(s.sent, m.HeartbeatAck.GetSeq())
+		}
+		if d := m.HeartbeatAck.GetHeartbeatInterval().AsDuration(); d > 0 {
+			s.interval = d
+		}
+	case *llorchv1.ConnectResponse_Command:
+		cmd := m.Command
+		s.cfg.Logger.Info("command from the control plane", "kind", cmd.GetKind().String(), "reason", cmd.GetReason())
+		if cmd.GetKind() == llorchv1.CommandKind_COMMAND_KIND_DISCONNECT {
+			return outcome{
+				retryAfter: cmd.GetRetryAfter().AsDuration(),
+				err:        fmt.Errorf("disconnected by the control plane: %s", cmd.GetReason()),
+			}, true
+		}
+		if s.cfg.OnCommand != nil {
+			s.cfg.OnCommand(cmd)
+		}
+	}
+	// Keep the map of unacknowledged heartbeats small.
+	for seq, at := range s.sent {
+		if now.Sub(at) > 3*s.interval {
+			delete(s.sent, seq)
+		}
+	}
+	return outcome{}, false
+}
+
 // goodbye tells the control plane the edge is leaving on purpose, then waits
 // briefly for it to close the stream.
-func goodbye(stream *connect.BidiStreamForClient[llorchv1.ConnectRequest, llorchv1.ConnectResponse], msgs <-chan incoming, clk clock.Clock) {
-	err := stream.Send(&llorchv1.ConnectRequest{Message: &llorchv1.ConnectRequest_Goodbye{Goodbye: &llorchv1.Goodbye{Reason: "shutdown"}}})
-	stream.CloseRequest()
+func (s *session) goodbye() {
+	err := s.stream.Send(&llorchv1.ConnectRequest{Message: &llorchv1.ConnectRequest_Goodbye{Goodbye: &llorchv1.Goodbye{Reason: "shutdown"}}})
+	s.stream.CloseRequest()
 	if err != nil {
 		return
 	}
-	deadline := clk.After(2 * time.Second)
+	deadline := s.cfg.Clock.After(2 * time.Second)
 	for {
 		select {
-		case in := <-msgs:
+		case in := <-s.msgs:
 			if in.err != nil {
 				return
 			}
@@ -283,27 +351,30 @@ func goodbye(stream *connect.BidiStreamForClient[llorchv1.ConnectRequest, llorch
 // sendFailed explains a failed Send. Send says only io.EOF when the server
 // ended the stream; the reason arrives on the reader goroutine, which owns
 // Receive, so wait briefly for it there.
-func sendFailed(err error, msgs <-chan incoming, clk clock.Clock) outcome {
+func (s *session) sendFailed(err error) outcome {
 	if errors.Is(err, io.EOF) {
 		select {
-		case in := <-msgs:
+		case in := <-s.msgs:
 			if in.err != nil {
 				err = in.err
 			}
-		case <-clk.After(2 * time.Second):
+		case <-s.cfg.Clock.After(2 * time.Second):
 		}
 	}
 	return classify(err)
 }
 
 // classify turns a stream error into an outcome: refusals that mean the node
-// can no longer act are fatal; anything else is retried.
-// A retry hint from the control plane (it is pacing registrations) sets the
-// wait before the next attempt.
+// can no longer act are fatal; anything else is retried, after the control
+// plane's retry hint when it gave one.
 func classify(err error) outcome {
-	explained := client.Explain(err)
-	if errors.Is(explained, edge.ErrRevoked) || errors.Is(explained, edge.ErrCertExpired) || errors.Is(explained, edge.ErrSuperseded) {
-		return outcome{fatal: explained}
+	err = client.Explain(err)
+	ref, ok := errors.AsType[*edge.RefusalError](err)
+	if !ok {
+		return outcome{err: err}
 	}
-	return outcome{err: explained, retryAfter: client.RetryAfter(err)}
+	if errors.Is(ref, edge.ErrRevoked) || errors.Is(ref, edge.ErrCertExpired) || errors.Is(ref, edge.ErrSuperseded) {
+		return outcome{fatal: err}
+	}
+	return outcome{err: err, retryAfter: ref.RetryAfter, tooLarge: errors.Is(ref, edge.ErrTooLarge)}
 }

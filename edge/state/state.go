@@ -6,6 +6,7 @@
 // The layout of a state directory:
 //
 //	STATE/
+//	  edge.lock      flock held by the agent or enrollment using the directory (see Lock)
 //	  current -> identity-<serial>   symlink, replaced atomically
 //	  identity-<serial>/
 //	    node.key       PKCS#8 PEM ECDSA key, mode 0600
@@ -18,7 +19,8 @@
 // current at it with a rename, so a crash at any moment leaves either the old
 // or the new identity complete under current. Anything else in the directory
 // (a partial generation, a temporary symlink) is ignored by Load and removed
-// by the next Save. Saves must not run concurrently on one directory.
+// by the next Save. Saves must not run concurrently on one directory: whoever
+// saves holds Lock.
 package state
 
 import (

@@ -1,0 +1,4 @@
+package handoff
+
+// ReadFile is readFile, for the test that a FIFO is refused once open.
+var ReadFile = readFile
