@@ -12,7 +12,7 @@ var suite *harness.Suite
 
 func TestMain(m *testing.M) {
 	os.Setenv("TESTCONTAINERS_RYUK_DISABLED", "true") // Ryuk cannot be pulled; set before any testcontainers call
-	os.Exit(harness.Main(m, harness.Config{Name: "chaos", Gate: "LLORCH_CHAOS"}, &suite))
+	os.Exit(harness.Main(m, harness.Config{Name: "chaos", Gate: "LLORCH_CHAOS", Seeded: true}, &suite))
 }
 
 // Timing every scenario runs with (unless it says otherwise), and the edge's

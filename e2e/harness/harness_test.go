@@ -2,6 +2,7 @@ package harness
 
 import (
 	"bytes"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -102,5 +103,24 @@ go_goroutines 12
 	}
 	if _, err := ParseMetrics(strings.NewReader("no_value\n")); err == nil {
 		t.Error("a line without a value parsed")
+	}
+}
+
+func TestReplay(t *testing.T) {
+	s := &Suite{Gate: "LLORCH_CHAOS", Pkg: "./chaos/", Seeded: true}
+	t.Setenv(EnvTask, "chaos:ci")
+	seed, err := RunSeed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := s.Replay(t)
+	for _, want := range []string{
+		fmt.Sprintf("%s=%d LLORCH_CHAOS=1 ", EnvSeed, seed),
+		"-run '^TestReplay$' ./chaos/",
+		fmt.Sprintf("(the whole run: %s=%d go tool task chaos:ci)", EnvSeed, seed),
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("Replay() = %q, lacks %q", got, want)
+		}
 	}
 }
