@@ -244,7 +244,8 @@ func (f *Fleet) startControlPlane(ctx context.Context) {
 		testcontainers.WithWaitStrategy(wait.ForLog("CA fingerprint: sha256:").WithStartupTimeout(30 * time.Second)),
 	}
 	if f.Opts.DataTmpfsSize != "" {
-		vol, err := f.Volume(ctx, "data", map[string]string{"type": "tmpfs", "device": "tmpfs", "o": "size=" + f.Opts.DataTmpfsSize})
+		// 0700, as a data directory should be (a tmpfs is 1777 unless told).
+		vol, err := f.Volume(ctx, "data", map[string]string{"type": "tmpfs", "device": "tmpfs", "o": "size=" + f.Opts.DataTmpfsSize + ",mode=0700"})
 		if err != nil {
 			t.Fatal(err)
 		}
