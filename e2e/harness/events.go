@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 )
@@ -76,19 +77,48 @@ func PerNode(cs []StatusChange) map[string]int {
 	return m
 }
 
-// Seed returns the run's random seed: LLORCH_CHAOS_SEED when set, else
-// the time; it is logged so that a run can be repeated.
+// Environment knobs for replays.
+const (
+	// EnvSeed is the run's random seed (LLORCH_CHAOS_SEED); unset, the run
+	// draws one from the time and prints it.
+	EnvSeed = "LLORCH_CHAOS_SEED"
+	// EnvTask names the task that started the run (the Taskfile sets it),
+	// so a failure can say how to repeat the whole run.
+	EnvTask = "LLORCH_TEST_TASK"
+)
+
+var runSeed struct {
+	once sync.Once
+	seed uint64
+	err  error
+}
+
+// RunSeed is the run's seed: LLORCH_CHAOS_SEED when set, else drawn from
+// the time once per process, so every scenario of a run uses the same one
+// and one variable repeats them all (or any one of them alone).
+func RunSeed() (uint64, error) {
+	runSeed.once.Do(func() {
+		runSeed.seed = uint64(time.Now().UnixNano())
+		if v := os.Getenv(EnvSeed); v != "" {
+			runSeed.seed, runSeed.err = strconv.ParseUint(v, 10, 64)
+			if runSeed.err != nil {
+				runSeed.err = fmt.Errorf("%s=%q: %w", EnvSeed, v, runSeed.err)
+			}
+		}
+	})
+	return runSeed.seed, runSeed.err
+}
+
+// Seed returns the run's random seed (RunSeed) and a generator drawn from
+// it alone, so a scenario makes the same choices whether it runs with the
+// others or by itself; it is logged so that a run can be repeated.
 func Seed(t testing.TB) (uint64, *rand.Rand) {
 	t.Helper()
-	seed := uint64(time.Now().UnixNano())
-	if v := os.Getenv("LLORCH_CHAOS_SEED"); v != "" {
-		n, err := strconv.ParseUint(v, 10, 64)
-		if err != nil {
-			t.Fatalf("LLORCH_CHAOS_SEED=%q: %v", v, err)
-		}
-		seed = n
+	seed, err := RunSeed()
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Logf("seed %d (LLORCH_CHAOS_SEED=%d repeats this run's choices)", seed, seed)
+	t.Logf("seed %d (%s=%d repeats this run's choices)", seed, EnvSeed, seed)
 	return seed, rand.New(rand.NewPCG(seed, seed>>1|1))
 }
 

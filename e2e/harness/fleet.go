@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -60,9 +61,21 @@ type FleetOptions struct {
 	DataTmpfsSize string
 	// Engines gives each edge an engines volume, for fake engine sidecars.
 	Engines bool
+	// RegistrationRate and RegistrationBurst pace new sessions
+	// (`--registration-rate`, `--registration-burst`); 0: the design's
+	// 1000/s and 100. They are always passed explicitly, so the bounds a
+	// scenario derives from them hold for the control plane it runs.
+	RegistrationRate  float64
+	RegistrationBurst int
 	// ServeArgs are extra flags for `control serve`.
 	ServeArgs []string
 }
+
+// The design's registration pacing (docs/ARCHITECTURE.md, "Pacing").
+const (
+	DefaultRegistrationRate  = 1000
+	DefaultRegistrationBurst = 100
+)
 
 // Fleet is one control plane, its gateway and its edges on their own networks.
 type Fleet struct {
@@ -97,6 +110,12 @@ func (s *Suite) NewFleet(t testing.TB, ctx context.Context, opts FleetOptions) *
 	}
 	if opts.OfflineAfter == 0 {
 		opts.OfflineAfter = 3 * time.Second
+	}
+	if opts.RegistrationRate == 0 {
+		opts.RegistrationRate = DefaultRegistrationRate
+	}
+	if opts.RegistrationBurst == 0 {
+		opts.RegistrationBurst = DefaultRegistrationBurst
 	}
 	f := &Fleet{s: s, t: t, Opts: opts}
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
@@ -211,12 +230,22 @@ func (f *Fleet) startControlPlane(ctx context.Context) {
 		testcontainers.WithEnv(map[string]string{"LLORCH_API_TOKEN": apiToken}),
 		testcontainers.WithCmd(append([]string{"serve", "--data", ControlDataDir, "--listen", "0.0.0.0:" + ControlPort,
 			"--san", ControlAlias, "--san", CPAlias,
-			"--heartbeat-interval", f.Opts.HeartbeatInterval.String(), "--offline-after", f.Opts.OfflineAfter.String()},
+			"--heartbeat-interval", f.Opts.HeartbeatInterval.String(), "--offline-after", f.Opts.OfflineAfter.String(),
+			"--registration-rate", strconv.FormatFloat(f.Opts.RegistrationRate, 'g', -1, 64),
+			"--registration-burst", strconv.Itoa(f.Opts.RegistrationBurst)},
 			f.Opts.ServeArgs...)...),
+		// The TLS port is published on 127.0.0.1 for the harness alone
+		// (ControlPlane.Metrics: /metrics with the API token); edges reach
+		// it only through the gateway.
+		testcontainers.WithExposedPorts(ControlPort + "/tcp"),
+		testcontainers.WithHostConfigModifier(func(h *container.HostConfig) {
+			h.PortBindings = network.PortMap{network.MustParsePort(ControlPort + "/tcp"): {{HostIP: netip.MustParseAddr("127.0.0.1")}}}
+		}),
 		testcontainers.WithWaitStrategy(wait.ForLog("CA fingerprint: sha256:").WithStartupTimeout(30 * time.Second)),
 	}
 	if f.Opts.DataTmpfsSize != "" {
-		vol, err := f.Volume(ctx, "data", map[string]string{"type": "tmpfs", "device": "tmpfs", "o": "size=" + f.Opts.DataTmpfsSize})
+		// 0700, as a data directory should be (a tmpfs is 1777 unless told).
+		vol, err := f.Volume(ctx, "data", map[string]string{"type": "tmpfs", "device": "tmpfs", "o": "size=" + f.Opts.DataTmpfsSize + ",mode=0700"})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -2,6 +2,7 @@ package harness
 
 import (
 	"bytes"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -69,5 +70,57 @@ func TestReport(t *testing.T) {
 	}
 	if got := r.Results()[1].Line(); got != "INVARIANT s | flaps | measured 3 | bound <= 2 | FAIL" {
 		t.Errorf("Line() = %q", got)
+	}
+}
+
+func TestParseMetrics(t *testing.T) {
+	text := `# HELP llorch_store_write_errors_total Failed writes of liveness state to the store (retried).
+# TYPE llorch_store_write_errors_total counter
+llorch_store_write_errors_total 7
+llorch_node_transitions_total{from="online",to="offline"} 2
+llorch_node_transitions_total{from="offline",to="online"} 1.5e+00
+weird{reason="a \"quoted\" value with spaces"} 3 1700000000000
+
+go_goroutines 12
+`
+	m, err := ParseMetrics(strings.NewReader(text))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		want float64
+	}{
+		{"llorch_store_write_errors_total", 7},
+		{"llorch_node_transitions_total", 3.5},
+		{"weird", 3},
+		{"llorch_nodes", 0},
+		{"go_goroutine", 0}, // a prefix of another name is not that metric
+	} {
+		if got := m.Sum(tc.name); got != tc.want {
+			t.Errorf("Sum(%s) = %g, want %g", tc.name, got, tc.want)
+		}
+	}
+	if _, err := ParseMetrics(strings.NewReader("no_value\n")); err == nil {
+		t.Error("a line without a value parsed")
+	}
+}
+
+func TestReplay(t *testing.T) {
+	s := &Suite{Gate: "LLORCH_CHAOS", Pkg: "./chaos/", Seeded: true}
+	t.Setenv(EnvTask, "chaos:ci")
+	seed, err := RunSeed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := s.Replay(t)
+	for _, want := range []string{
+		fmt.Sprintf("%s=%d LLORCH_CHAOS=1 ", EnvSeed, seed),
+		"-run '^TestReplay$' ./chaos/",
+		fmt.Sprintf("(the whole run: %s=%d go tool task chaos:ci)", EnvSeed, seed),
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("Replay() = %q, lacks %q", got, want)
+		}
 	}
 }

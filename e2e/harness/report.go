@@ -72,6 +72,7 @@ func (r *Report) Print(w io.Writer) {
 // at once, is added to the run's table, and fails the test (without
 // stopping it, so every invariant is reported) when it does not hold.
 type Checker struct {
+	s        *Suite
 	t        testing.TB
 	scenario string
 	report   *Report
@@ -79,7 +80,7 @@ type Checker struct {
 
 // Checker returns a checker for a scenario's invariants.
 func (s *Suite) Checker(t testing.TB, scenario string) *Checker {
-	return &Checker{t: t, scenario: scenario, report: s.report}
+	return &Checker{s: s, t: t, scenario: scenario, report: s.report}
 }
 
 func (c *Checker) record(invariant, measured, bound string, pass bool) bool {
@@ -88,7 +89,7 @@ func (c *Checker) record(invariant, measured, bound string, pass bool) bool {
 	c.report.add(res)
 	fmt.Println(res.Line())
 	if !pass {
-		c.t.Errorf("invariant %s / %s does not hold: measured %s, bound %s", c.scenario, invariant, measured, bound)
+		c.t.Errorf("invariant %s / %s does not hold: measured %s, bound %s; replay: %s", c.scenario, invariant, measured, bound, c.s.Replay(c.t))
 	}
 	return pass
 }

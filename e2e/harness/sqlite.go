@@ -17,6 +17,26 @@ type DBCheck struct {
 	Nodes     int
 	Events    int
 	Dir       string // where the copy is
+
+	// The rows as the file holds them (not as a restarted control plane
+	// would show them), for checks of what a crash left.
+	TokenRows []DBToken
+	NodeRows  []DBNode
+	// EventKinds counts the events of each kind.
+	EventKinds map[string]int
+}
+
+// DBToken is a join_tokens row.
+type DBToken struct {
+	ID, Name      string
+	MaxUses, Uses int
+	Revoked       bool
+}
+
+// DBNode is a nodes row, with the number of its enrolled events.
+type DBNode struct {
+	ID, Name, Status, TokenID string
+	EnrolledEvents            int
 }
 
 // IntegrityCheck copies the database (and its WAL) out of a container
@@ -64,5 +84,59 @@ func (s *Suite) IntegrityCheck(ctx context.Context, containerID, dbPath, dir str
 			return res, fmt.Errorf("count %s: %w", table, err)
 		}
 	}
+	if err := readRows(ctx, db, &res); err != nil {
+		return res, err
+	}
 	return res, nil
+}
+
+func readRows(ctx context.Context, db *sql.DB, res *DBCheck) error {
+	rows, err := db.QueryContext(ctx, `SELECT id, name, max_uses, uses, revoked_at IS NOT NULL FROM join_tokens ORDER BY id`)
+	if err != nil {
+		return fmt.Errorf("read join_tokens: %w", err)
+	}
+	for rows.Next() {
+		var t DBToken
+		if err := rows.Scan(&t.ID, &t.Name, &t.MaxUses, &t.Uses, &t.Revoked); err != nil {
+			rows.Close()
+			return fmt.Errorf("read join_tokens: %w", err)
+		}
+		res.TokenRows = append(res.TokenRows, t)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("read join_tokens: %w", err)
+	}
+	rows, err = db.QueryContext(ctx, `SELECT n.id, n.name, n.status, n.token_id,
+		(SELECT count(*) FROM events e WHERE e.node_id = n.id AND e.kind = 'enrolled') FROM nodes n ORDER BY n.id`)
+	if err != nil {
+		return fmt.Errorf("read nodes: %w", err)
+	}
+	for rows.Next() {
+		var n DBNode
+		if err := rows.Scan(&n.ID, &n.Name, &n.Status, &n.TokenID, &n.EnrolledEvents); err != nil {
+			rows.Close()
+			return fmt.Errorf("read nodes: %w", err)
+		}
+		res.NodeRows = append(res.NodeRows, n)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("read nodes: %w", err)
+	}
+	rows, err = db.QueryContext(ctx, `SELECT kind, count(*) FROM events GROUP BY kind`)
+	if err != nil {
+		return fmt.Errorf("count events by kind: %w", err)
+	}
+	defer rows.Close()
+	res.EventKinds = map[string]int{}
+	for rows.Next() {
+		var kind string
+		var n int
+		if err := rows.Scan(&kind, &n); err != nil {
+			return fmt.Errorf("count events by kind: %w", err)
+		}
+		res.EventKinds[kind] = n
+	}
+	return rows.Err()
 }

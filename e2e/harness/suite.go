@@ -24,6 +24,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -57,6 +58,10 @@ const (
 type Config struct {
 	Name string // e2e or chaos: the label value and the image tag prefix
 	Gate string // the environment variable that must be "1" for the suite to run
+	// Seeded: the suite's scenarios draw their choices from the run's seed
+	// (Seed). Main prints it first, and every failure says how to repeat
+	// the run with it.
+	Seeded bool
 }
 
 // Suite is one test process's setup: the Docker client, the images it
@@ -64,6 +69,9 @@ type Config struct {
 type Suite struct {
 	Name   string
 	RunID  string
+	Gate   string // Config.Gate
+	Pkg    string // the tests' package directory, "./chaos/"
+	Seeded bool   // Config.Seeded
 	Docker *client.Client
 	Images Images
 	Root   string // the module root
@@ -105,6 +113,14 @@ func Main(m *testing.M, cfg Config, s **Suite) int {
 	if os.Getenv(EnvVerbose) == "" {
 		tclog.SetDefault(tclog.NewNoopLogger())
 	}
+	if cfg.Seeded {
+		seed, err := RunSeed()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "%s: %v\n", cfg.Name, err)
+			return 1
+		}
+		fmt.Printf("%s: SEED %d (%s=%d repeats this run)\n", cfg.Name, seed, EnvSeed, seed)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	suite, err := setup(ctx, cfg)
 	cancel()
@@ -118,6 +134,11 @@ func Main(m *testing.M, cfg Config, s **Suite) int {
 	*s = suite
 	code := m.Run()
 	suite.report.Print(os.Stdout)
+	if code != 0 {
+		if run := suite.replayRun(); run != "" {
+			fmt.Printf("%s: FAILED; repeat this run: %s\n", cfg.Name, run)
+		}
+	}
 	if err := suite.close(); err != nil {
 		fmt.Fprintf(os.Stderr, "%s: cleanup: %v\n", cfg.Name, err)
 		if code == 0 {
@@ -146,8 +167,14 @@ func setup(ctx context.Context, cfg Config) (*Suite, error) {
 		return nil, err
 	}
 	s := &Suite{
-		Name: cfg.Name, RunID: randomID(), Docker: cli, Root: root,
+		Name: cfg.Name, RunID: randomID(), Gate: cfg.Gate, Seeded: cfg.Seeded, Docker: cli, Root: root,
 		report: &Report{}, keepImages: os.Getenv(EnvKeepImages) == "1",
+	}
+	s.Pkg = "./"
+	if wd, err := os.Getwd(); err == nil {
+		if rel, err := filepath.Rel(root, wd); err == nil && rel != "." {
+			s.Pkg = "./" + filepath.ToSlash(rel) + "/"
+		}
 	}
 	if err := s.sweep(ctx, staleRuns(s.Name)); err != nil {
 		return s, fmt.Errorf("sweep what earlier runs left: %w", err)
@@ -199,12 +226,55 @@ func (s *Suite) next() int {
 	return s.seq
 }
 
-// Require skips the test when the suite is not enabled.
+// Require skips the test when the suite is not enabled. When the test
+// fails, it logs how to repeat it (Replay).
 func Require(t testing.TB, s *Suite) {
 	t.Helper()
 	if s == nil {
 		t.Skip("container suite not enabled (LLORCH_E2E=1 / LLORCH_CHAOS=1, or `go tool task e2e|chaos`)")
 	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("REPLAY %s", s.Replay(t))
+		}
+	})
+}
+
+// Replay is how to repeat test t exactly (with the run's seed when the
+// suite is seeded), alone and, when a task started the run, with the rest
+// of the run.
+func (s *Suite) Replay(t testing.TB) string {
+	parts := strings.Split(t.Name(), "/")
+	for i, p := range parts {
+		parts[i] = "^" + regexp.QuoteMeta(p) + "$"
+	}
+	env := ""
+	if s.Seeded {
+		if seed, err := RunSeed(); err == nil {
+			env = fmt.Sprintf("%s=%d ", EnvSeed, seed)
+		}
+	}
+	cmd := fmt.Sprintf("%s%s=1 TESTCONTAINERS_RYUK_DISABLED=true go test -count=1 -v -timeout 30m -run '%s' %s",
+		env, s.Gate, strings.Join(parts, "/"), s.Pkg)
+	if run := s.replayRun(); run != "" {
+		cmd += "   (the whole run: " + run + ")"
+	}
+	return cmd
+}
+
+// replayRun repeats the whole run through the task that started it ("" when
+// no task did).
+func (s *Suite) replayRun() string {
+	task := os.Getenv(EnvTask)
+	if task == "" {
+		return ""
+	}
+	if s.Seeded {
+		if seed, err := RunSeed(); err == nil {
+			return fmt.Sprintf("%s=%d go tool task %s", EnvSeed, seed, task)
+		}
+	}
+	return "go tool task " + task
 }
 
 func randomID() string {
