@@ -36,11 +36,6 @@ const (
 	pacingWindowMin = time.Second
 	// sweepTickMax: the sweeper runs every min(1s, interval/2).
 	sweepTickMax = time.Second
-	// The edge's HTTP/2 keepalive: a connection nothing was read from for
-	// edgeReadIdle is pinged, and closed edgePingTimeout later without an
-	// answer (edge/client).
-	edgeReadIdle    = 15 * time.Second
-	edgePingTimeout = 5 * time.Second
 	// writerBackoffMax caps the status writer's retry backoff (100ms
 	// doubling) after a failed write (control/registry writer).
 	writerBackoffMax = 5 * time.Second
@@ -154,27 +149,10 @@ func shutdownHintMax(n int) time.Duration { return restartFloor + reconnectSprea
 //
 // The heartbeat is for a node whose old session survived the fault: it is
 // back with its next heartbeat ("heartbeat resumed"), not a registration.
-// A partition adds staleConnection.
+// An edge whose session was lost dials a new connection for the next one
+// (edge/agent), so a connection that died in a partition costs nothing.
 func onlineAfterHeal(o harness.FleetOptions, n int) time.Duration {
 	return backoffCeiling(o) + pacedReturn(o, n) + handshake + o.HeartbeatInterval + loadSlack
-}
-
-// staleConnection is what a partition of length hold adds to
-// onlineAfterHeal today, because an edge whose session went silent opens
-// its next session on the same HTTP/2 connection, dead since the cut: the
-// attempt hangs (past the 10s dial bound, which covers only new
-// connections) until that connection fails, when TCP's retransmissions
-// get through after the heal and draw a reset, or at the latest when the
-// keepalive gives up on it, read-idle plus ping timeout after its last
-// frame, which came before the cut:
-//
-//	max(0, 15s + 5s − hold)                              15s partition: 5s
-//
-// Found in the edge's log: the first attempt after the cut fails only at
-// "write: broken pipe" on the old connection, 3-4s after the heal. It goes
-// to zero once the edge stops reusing a connection a session was lost on.
-func staleConnection(hold time.Duration) time.Duration {
-	return max(0, edgeReadIdle+edgePingTimeout-hold)
 }
 
 // onlineAfterRestart is how soon after `docker start` of a control plane

@@ -72,11 +72,7 @@ func partition(t *testing.T, scenario string, size, cut int) {
 		}
 	}
 	f.Notef("healed %s", names(victims))
-	// What a partition costs on top of the design's bound is the edge's
-	// doing (staleConnection); it is shown apart, so the day it is gone
-	// the bound can shrink to the design's.
-	bound := onlineAfterHeal(o, cut) + staleConnection(partitionHold)
-	f.Notef("online-after-heal bound %s: the design's %s plus %s for the edge's reuse of its dead connection", bound, onlineAfterHeal(o, cut), staleConnection(partitionHold))
+	bound := onlineAfterHeal(o, cut)
 	_, back := waitEach(t, ctx, f, before.lastEvent, "online", healAt, bound+10*time.Second, victims)
 	chk.Within(fmt.Sprintf("online after the heal (slowest of %d)", cut), back, bound)
 

@@ -79,14 +79,29 @@ func (a *Agent) httpClient() *http.Client {
 // useNewCertificate moves new connections to the renewed certificate and
 // has the session reconnect over one; the old connections are closed once idle.
 func (a *Agent) useNewCertificate() {
-	a.mu.Lock()
-	old := a.http
-	a.http = client.HTTPClient(a.id)
-	a.mu.Unlock()
+	a.replaceClient(client.HTTPClient(a.id))
 	select {
 	case a.renewed <- struct{}{}:
 	default:
 	}
+}
+
+// freshConnections is called when the session is lost: the connection it
+// was on may be dead without TCP knowing (a partition), and reusing it
+// would hold the next session until the path heals and TCP gives up,
+// seconds later. New calls and sessions get new connections; the TLS
+// configuration, and the session tickets it keeps, stay.
+func (a *Agent) freshConnections() {
+	a.replaceClient(client.Fresh(a.httpClient()))
+}
+
+// replaceClient makes c the client for new calls and sessions, and closes
+// the old one's connections once they are idle.
+func (a *Agent) replaceClient(c *http.Client) {
+	a.mu.Lock()
+	old := a.http
+	a.http = c
+	a.mu.Unlock()
 	go func() {
 		<-a.cfg.Clock.After(5 * time.Second)
 		old.CloseIdleConnections()
@@ -133,6 +148,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		Reconnect:    a.renewed,
 		OnRegistered: func(r *llorchv1.Registered) { a.draining.Store(r.GetDraining()) },
 		OnCommand:    a.command,
+		Lost:         a.freshConnections,
 		BackoffMax:   a.cfg.BackoffMax,
 		Clock:        a.cfg.Clock,
 		Logger:       a.log.With("component", "session"),

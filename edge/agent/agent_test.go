@@ -328,3 +328,24 @@ func TestRevokedStopsTheAgent(t *testing.T) {
 	}
 	release()
 }
+
+// A lost session's connection is not reused: the next session dials a new
+// one (after a partition the old one may be dead without TCP knowing).
+func TestLostSessionGetsANewConnection(t *testing.T) {
+	cp := newControlPlane(t, 100*time.Millisecond)
+	dir, id := cp.ca.Enrolled(t, "node-1", cp.srv.URL)
+	startAgent(t, agent.Config{StateDir: dir}, id)
+	cp.waitReport(t, "a heartbeat", func(*llorchv1.NodeStatusReport) bool { return true })
+	first := cp.stream(t)
+	first.End(connect.NewError(connect.CodeUnavailable, errors.New("lost")))
+	deadline := time.Now().Add(edgetest.WaitLimit)
+	for cp.stream(t) == first {
+		if time.Now().After(deadline) {
+			t.Fatal("no second session")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := cp.srv.Conns(); n != 2 {
+		t.Errorf("%d connections for two sessions, want a new one for the second", n)
+	}
+}

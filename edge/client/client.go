@@ -56,7 +56,18 @@ func HTTPClient(h *Identity) *http.Client {
 		c := h.Get().TLSCertificate(cri.AcceptableCAs)
 		return &c, nil
 	})
-	return &http.Client{Transport: &http2.Transport{
+	return &http.Client{Transport: transport(tlsCfg)}
+}
+
+// Fresh returns a client like c, which HTTPClient made, on connections of
+// its own: the same TLS configuration (and so the same session tickets), a
+// new pool of connections. The caller closes c's connections once idle.
+func Fresh(c *http.Client) *http.Client {
+	return &http.Client{Transport: transport(c.Transport.(*http2.Transport).TLSClientConfig)}
+}
+
+func transport(tlsCfg *tls.Config) *http2.Transport {
+	return &http2.Transport{
 		TLSClientConfig: tlsCfg,
 		DialTLSContext:  dialTLS,
 		ReadIdleTimeout: 15 * time.Second,
@@ -70,7 +81,7 @@ func HTTPClient(h *Identity) *http.Client {
 		// it from this side's SETTINGS, which come before any request.
 		MaxEncoderHeaderTableSize: noHeaderTable,
 		MaxDecoderHeaderTableSize: noHeaderTable,
-	}}
+	}
 }
 
 // noHeaderTable is an HPACK dynamic table size too small for any entry

@@ -47,6 +47,12 @@ type Config struct {
 	OnCommand    func(*llorchv1.Command)
 	// OnAck is called with each acknowledged heartbeat's round trip (for load tests).
 	OnAck func(rtt time.Duration)
+	// Lost, when not nil, is called when a session is lost, before the wait
+	// for the next attempt: the agent drops its idle connections there, so
+	// the next session dials afresh rather than reusing a connection the
+	// network killed (after a partition TCP says so only once it heals, and
+	// then seconds late).
+	Lost func()
 	// BackoffMin and BackoffMax bound the reconnect backoff; 0: 500ms and 10s.
 	BackoffMin, BackoffMax time.Duration
 	Clock                  clock.Clock  // nil: the wall clock
@@ -108,6 +114,9 @@ func Run(ctx context.Context, cfg Config) error {
 		if res.reconnect {
 			cfg.Logger.Info("reconnecting with the renewed certificate")
 			continue
+		}
+		if cfg.Lost != nil {
+			cfg.Lost()
 		}
 		// Reconnect at least as often as the node heartbeats, so a passing
 		// fault does not outlast the offline threshold (at least two

@@ -45,10 +45,12 @@ func newEnv(t *testing.T) *env {
 	mux.Handle(llorchv1connect.NewSessionServiceHandler(svc))
 	srv := edgetest.NewServer(t, ca, mux)
 	hc := client.HTTPClient(client.NewIdentity(ca.Identity(t, "node-1", srv.URL)))
-	t.Cleanup(hc.CloseIdleConnections)
+	t.Cleanup(func() { hc.CloseIdleConnections() })
 	e := &env{svc: svc, srv: srv, clk: edgetest.NewClock(), commands: make(chan *llorchv1.Command, 8), acks: make(chan time.Duration, 8), logs: &logBuffer{}}
 	e.cfg = session.Config{
-		Dial:   func() session.Dialer { return llorchv1connect.NewSessionServiceClient(hc, srv.URL) },
+		Dial: func() session.Dialer { return llorchv1connect.NewSessionServiceClient(hc, srv.URL) },
+		// As the agent does: a lost session's connection is not reused.
+		Lost:   func() { old := hc; hc = client.Fresh(old); old.CloseIdleConnections() },
 		System: &llorchv1.NodeSystem{Hostname: "gpu-host", Os: "linux", Arch: "amd64"},
 		Report: func(context.Context) *llorchv1.NodeStatusReport {
 			return &llorchv1.NodeStatusReport{Pools: []*llorchv1.Pool{{Id: "pool-0"}}}
@@ -163,6 +165,32 @@ func TestRegistersAndHeartbeatsAtTheServersInterval(t *testing.T) {
 	e.clk.Advance(3 * time.Second)
 	if hb := st.Recv(t).GetHeartbeat(); hb.GetSeq() != 3 {
 		t.Fatalf("third heartbeat = %v, want seq 3", hb)
+	}
+}
+
+// A control plane that falls silent (a partition, as far as the edge can
+// tell) loses the session after three intervals, and the next session is
+// dialed on a new connection: the old one may be dead without TCP knowing,
+// and would hold the next attempt until the path heals.
+func TestLostSessionDialsAFreshConnection(t *testing.T) {
+	e := newEnv(t)
+	e.start(t)
+	st := e.svc.Next(t)
+	st.Register(t, time.Second)
+	for i := 1; i <= 4; i++ { // heartbeats that get no ack
+		e.clk.WaitAfter(t, time.Second)
+		e.clk.Advance(time.Second)
+		if i < 4 {
+			st.Recv(t)
+		}
+	}
+	st.WaitClosed(t)
+	st.End(nil)
+	backoff := e.clk.NextAfter(t)
+	e.clk.Advance(backoff)
+	e.svc.Next(t).Register(t, time.Hour)
+	if n := e.srv.Conns(); n != 2 {
+		t.Errorf("%d connections for two sessions, want a new one for the second", n)
 	}
 }
 
