@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"regexp"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -36,8 +37,7 @@ type Store interface {
 	// transaction; it returns ErrTokenUnknown, ErrTokenRevoked,
 	// ErrTokenExpired or ErrTokenUsed when the claim fails, and
 	// ErrKeyEnrolled when node.EnrollKey enrolled before, writing nothing.
-	// It calls sign inside the transaction once the claim has succeeded.
-	EnrollNode(ctx context.Context, tokenID string, secretHash []byte, now time.Time, node control.Node, sign func(*control.Node) error) error
+	EnrollNode(ctx context.Context, tokenID string, secretHash []byte, now time.Time, node control.Node) error
 	// RecordRenewal stores newSerial as the node's next certificate if
 	// presentedSerial is its current one (ErrNotCurrentCert, ErrNodeRemoved).
 	RecordRenewal(ctx context.Context, nodeID, presentedSerial, newSerial string, notAfter, now time.Time) error
@@ -61,11 +61,12 @@ type Config struct {
 
 // Service makes tokens, enrolls nodes and renews their certificates.
 type Service struct {
-	store  Store
-	signer Signer
-	clock  clock.Clock
-	log    *slog.Logger
-	signed atomic.Int64
+	store    Store
+	signer   Signer
+	clock    clock.Clock
+	log      *slog.Logger
+	inflight reservations
+	signed   atomic.Int64
 }
 
 // New returns a Service.
@@ -179,55 +180,137 @@ func (s *Service) Enroll(ctx context.Context, token string, csrDER []byte, hostn
 		return Enrollment{}, control.ErrWrongCA
 	}
 	now := s.clock.Now()
-	// A read first, so a bad token costs no signature; the claim in
-	// EnrollNode is what decides.
-	stored, err := s.store.GetToken(ctx, jt.ID)
-	switch {
-	case errors.Is(err, control.ErrNotFound):
-		return Enrollment{}, control.ErrTokenUnknown
-	case err != nil:
-		return Enrollment{}, fmt.Errorf("enroll: %w", err)
-	}
-	if err := stored.Claimable(jt.SecretHash(), now); err != nil {
+	// The token first, so a bad one costs no more than a read.
+	stored, release, err := s.reserveToken(ctx, jt, now)
+	if err != nil {
 		return Enrollment{}, err
 	}
+	defer release()
 	csr, err := certs.ParseNodeCSR(csrDER)
 	if err != nil {
 		return Enrollment{}, err
 	}
+	key := sha256.Sum256(csr.RawSubjectPublicKeyInfo)
+	releaseKey, err := s.reserveKey(key)
+	if err != nil {
+		return Enrollment{}, err
+	}
+	defer releaseKey()
 	nodeID, err := certs.RandomID(12)
 	if err != nil {
 		return Enrollment{}, err
 	}
-	key := sha256.Sum256(csr.RawSubjectPublicKeyInfo)
+	chain, err := s.signer.SignNode(ctx, csr, nodeID)
+	if err != nil {
+		return Enrollment{}, fmt.Errorf("sign node certificate: %w", err)
+	}
+	s.signed.Add(1)
+	leaf := chain[0]
 	node := control.Node{
-		ID:         nodeID,
-		Name:       nodeName(stored.Name, hostname, nodeID),
-		Status:     control.StatusEnrolled,
-		Labels:     stored.Labels,
-		TokenID:    stored.ID,
-		EnrollKey:  key[:],
-		EnrolledAt: now,
+		ID:           nodeID,
+		Name:         nodeName(stored.Name, hostname, nodeID),
+		Status:       control.StatusEnrolled,
+		Labels:       stored.Labels,
+		TokenID:      stored.ID,
+		EnrollKey:    key[:],
+		CertSerial:   certs.SerialHex(leaf),
+		CertNotAfter: leaf.NotAfter,
+		EnrolledAt:   now,
 	}
-	// Signed inside the claim's transaction: an enrollment that loses the
-	// race for the token's last use, or brings a key that enrolled before,
-	// costs no signature.
-	var chain []*x509.Certificate
-	sign := func(n *control.Node) error {
-		var err error
-		if chain, err = s.signer.SignNode(ctx, csr, nodeID); err != nil {
-			return fmt.Errorf("sign node certificate: %w", err)
-		}
-		n.CertSerial, n.CertNotAfter = certs.SerialHex(chain[0]), chain[0].NotAfter
-		s.signed.Add(1)
-		return nil
-	}
-	if err := s.store.EnrollNode(ctx, jt.ID, jt.SecretHash(), now, node, sign); err != nil {
+	// The claim decides; the reservation made sure that only an
+	// enrollment that can win it signed.
+	if err := s.store.EnrollNode(ctx, jt.ID, jt.SecretHash(), now, node); err != nil {
 		return Enrollment{}, err
 	}
-	node.CertSerial, node.CertNotAfter = certs.SerialHex(chain[0]), chain[0].NotAfter
 	s.log.InfoContext(ctx, "node enrolled", "node_id", node.ID, "name", node.Name, "token_id", jt.ID, "serial", node.CertSerial)
 	return Enrollment{Node: node, Chain: chain}, nil
+}
+
+// reservations are the uses of tokens, and the keys, that enrollments hold
+// while they sign: an enrollment that cannot win the claim (the token's uses
+// are taken by ones in flight, or its key is enrolling already) is refused
+// before it signs, and signing happens outside the store's one writer,
+// where it does not hold up every other write. One control plane owns a
+// data directory (its lock), so this process sees every enrollment. (A key
+// that enrolled a node before is refused by the claim's transaction.)
+type reservations struct {
+	mu     sync.Mutex
+	ended  *sync.Cond        // an enrollment in flight gave its use back; on mu
+	tokens map[string]int    // uses in flight, by token ID
+	ends   map[string]uint64 // uses given back so far, by token ID (kept: one per token used)
+	keys   map[[32]byte]bool // keys in flight
+}
+
+// reserveToken reads the token, says why it cannot be claimed now if it
+// cannot, and holds one of its uses for an enrollment; release gives it
+// back once the claim is written (or not).
+//
+// The read is not done under the lock (under load it would queue every
+// enrollment behind one read); instead, if a use of the token was given
+// back while it read, it reads again, so that a committed use is never
+// missed. When the uses left are all held by enrollments in flight, it
+// waits for one of them to end and looks again: a use that one committed
+// and has not given back yet is counted twice until it does.
+func (s *Service) reserveToken(ctx context.Context, jt certs.JoinToken, now time.Time) (control.JoinToken, func(), error) {
+	r := &s.inflight
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.ended == nil {
+		r.ended = sync.NewCond(&r.mu)
+		r.tokens, r.ends = map[string]int{}, map[string]uint64{}
+	}
+	for {
+		before := r.ends[jt.ID]
+		r.mu.Unlock()
+		stored, err := s.store.GetToken(ctx, jt.ID)
+		r.mu.Lock()
+		switch {
+		case errors.Is(err, control.ErrNotFound):
+			return control.JoinToken{}, nil, control.ErrTokenUnknown
+		case err != nil:
+			return control.JoinToken{}, nil, fmt.Errorf("enroll: %w", err)
+		}
+		if err := stored.Claimable(jt.SecretHash(), now); err != nil {
+			return control.JoinToken{}, nil, err
+		}
+		switch {
+		case r.ends[jt.ID] != before:
+			continue // a use was given back meanwhile: its claim may be missing from the read
+		case stored.Uses+r.tokens[jt.ID] >= stored.MaxUses:
+			r.ended.Wait()
+			continue
+		}
+		r.tokens[jt.ID]++
+		return stored, func() {
+			r.mu.Lock()
+			defer r.mu.Unlock()
+			if r.tokens[jt.ID]--; r.tokens[jt.ID] <= 0 {
+				delete(r.tokens, jt.ID)
+			}
+			r.ends[jt.ID]++
+			r.ended.Broadcast()
+		}, nil
+	}
+}
+
+// reserveKey holds key for an enrollment, refusing one that is enrolling
+// already.
+func (s *Service) reserveKey(key [32]byte) (func(), error) {
+	r := &s.inflight
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.keys[key] {
+		return nil, control.ErrKeyEnrolled
+	}
+	if r.keys == nil {
+		r.keys = map[[32]byte]bool{}
+	}
+	r.keys[key] = true
+	return func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		delete(r.keys, key)
+	}, nil
 }
 
 // Signed is how many node certificates enrollment has signed, for tests

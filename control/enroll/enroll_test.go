@@ -5,6 +5,8 @@ import (
 	"errors"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,6 +23,44 @@ type env struct {
 	store *store.Store
 	ca    *pki.Authority
 	clock *clock.Fake
+	hooks *hookedStore
+}
+
+// hookedStore is the real store with hooks a test holds enrollments at:
+// after a token is read, and after a claim is committed.
+type hookedStore struct {
+	*store.Store
+	mu          sync.Mutex
+	afterRead   func()
+	afterCommit func()
+}
+
+func (h *hookedStore) GetToken(ctx context.Context, id string) (control.JoinToken, error) {
+	t, err := h.Store.GetToken(ctx, id)
+	h.mu.Lock()
+	hook := h.afterRead
+	h.mu.Unlock()
+	if hook != nil {
+		hook()
+	}
+	return t, err
+}
+
+func (h *hookedStore) EnrollNode(ctx context.Context, tokenID string, secretHash []byte, now time.Time, node control.Node) error {
+	err := h.Store.EnrollNode(ctx, tokenID, secretHash, now, node)
+	h.mu.Lock()
+	hook := h.afterCommit
+	h.mu.Unlock()
+	if hook != nil && err == nil {
+		hook()
+	}
+	return err
+}
+
+func (h *hookedStore) set(afterRead, afterCommit func()) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.afterRead, h.afterCommit = afterRead, afterCommit
 }
 
 // newEnv is the enrollment path with its real parts: a SQLite file and the
@@ -40,7 +80,8 @@ func newEnv(tb testing.TB) env {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { ca.Close() })
-	return env{svc: enroll.New(enroll.Config{Store: st, Signer: ca, Clock: clk}), store: st, ca: ca, clock: clk}
+	hooks := &hookedStore{Store: st}
+	return env{svc: enroll.New(enroll.Config{Store: hooks, Signer: ca, Clock: clk}), store: st, ca: ca, clock: clk, hooks: hooks}
 }
 
 func newCSR(tb testing.TB) []byte {
@@ -283,7 +324,7 @@ func TestLosingRacersSpendNoSignature(t *testing.T) {
 
 // A multi-use token does not enroll the same public key twice (nor does any
 // other token): each enrollment needs a fresh key, and the second costs no
-// signature and no use of the token.
+// use of the token (it does cost a signature: the claim finds the key).
 func TestKeyEnrollsOnce(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
@@ -298,14 +339,97 @@ func TestKeyEnrollsOnce(t *testing.T) {
 			t.Errorf("the same key again: %v, want ErrKeyEnrolled", err)
 		}
 	}
-	if e.svc.Signed() != 1 {
-		t.Errorf("%d certificates signed, want 1", e.svc.Signed())
-	}
 	stored, _ := e.store.GetToken(ctx, tok.ID)
 	if stored.Uses != 1 {
 		t.Errorf("the token was used %d times, want 1", stored.Uses)
 	}
 	if _, err := e.svc.Enroll(ctx, token, newCSR(t), "h"); err != nil {
 		t.Errorf("a fresh key with the same token: %v", err)
+	}
+}
+
+// Every use of a token can be spent, however many enrollments run at once:
+// a use that one committed and has not given back yet is not taken for a
+// use in flight (which would refuse the last enrollments).
+func TestEveryUseSpendable(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	const uses = 24
+	_, token, _ := e.svc.CreateToken(ctx, enroll.TokenOptions{MaxUses: uses})
+	errs := make(chan error, uses)
+	for range uses {
+		go func() {
+			_, err := e.svc.Enroll(ctx, token, newCSR(t), "h")
+			errs <- err
+		}()
+	}
+	for range uses {
+		if err := <-errs; err != nil {
+			t.Errorf("one of %d enrollments with a token of %d uses: %v", uses, uses, err)
+		}
+	}
+}
+
+// An enrollment that read the token before a racer's claim was committed
+// does not sign on that stale read: a use given back while it read makes
+// it read again, and find the token used.
+func TestStaleReadSignsNothing(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	_, token, _ := e.svc.CreateToken(ctx, enroll.TokenOptions{})
+	read, resume := make(chan struct{}), make(chan struct{})
+	var held atomic.Bool // only the first read is held (sync.Once would hold the others too)
+	e.hooks.set(func() {
+		if held.CompareAndSwap(false, true) {
+			close(read)
+			<-resume
+		}
+	}, nil)
+	late := make(chan error, 1)
+	go func() { _, err := e.svc.Enroll(ctx, token, newCSR(t), "late"); late <- err }()
+	<-read // the late one has read the token, unused, and is held
+	if _, err := e.svc.Enroll(ctx, token, newCSR(t), "first"); err != nil {
+		t.Fatalf("the first enrollment: %v", err)
+	}
+	close(resume)
+	if err := <-late; !errors.Is(err, control.ErrTokenUsed) {
+		t.Errorf("the late enrollment: %v, want ErrTokenUsed", err)
+	}
+	if n := e.svc.Signed(); n != 1 {
+		t.Errorf("%d certificates signed, want 1", n)
+	}
+}
+
+// A token's last use goes to the enrollment that asks while another holds
+// a use it has committed but not yet given back: it waits, it is not told
+// the token is used.
+func TestCommittedUseNotCountedTwice(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	_, token, _ := e.svc.CreateToken(ctx, enroll.TokenOptions{MaxUses: 2})
+	committed, resume := make(chan struct{}), make(chan struct{})
+	var held atomic.Bool
+	e.hooks.set(nil, func() {
+		if held.CompareAndSwap(false, true) {
+			close(committed)
+			<-resume
+		}
+	})
+	first := make(chan error, 1)
+	go func() { _, err := e.svc.Enroll(ctx, token, newCSR(t), "first"); first <- err }()
+	<-committed // the first has claimed a use and not given its reservation back
+	second := make(chan error, 1)
+	go func() { _, err := e.svc.Enroll(ctx, token, newCSR(t), "second"); second <- err }()
+	select {
+	case err := <-second:
+		t.Fatalf("the second enrollment ended while the first held its use: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(resume)
+	if err := <-first; err != nil {
+		t.Errorf("first: %v", err)
+	}
+	if err := <-second; err != nil {
+		t.Errorf("second, for the token's last use: %v", err)
 	}
 }

@@ -83,7 +83,7 @@ func newEnvStall(tb testing.TB, stallAfter time.Duration, nodes ...string) *env 
 		if err := e.st.CreateToken(ctx, control.JoinToken{ID: tokID, SecretHash: hash, CreatedAt: e.clock.Now(), ExpiresAt: e.clock.Now().Add(time.Hour), MaxUses: 1}); err != nil {
 			tb.Fatal(err)
 		}
-		if err := e.st.EnrollNode(ctx, tokID, hash, e.clock.Now(), control.Node{ID: id, Name: id, CertSerial: "01", CertNotAfter: e.clock.Now().Add(24 * time.Hour)}, nil); err != nil {
+		if err := e.st.EnrollNode(ctx, tokID, hash, e.clock.Now(), control.Node{ID: id, Name: id, CertSerial: "01", CertNotAfter: e.clock.Now().Add(24 * time.Hour)}); err != nil {
 			tb.Fatal(err)
 		}
 	}

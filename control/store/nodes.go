@@ -19,29 +19,23 @@ const nodeColumns = `id, name, status, labels, token_id, cert_serial, next_cert_
 // wraps control.ErrTokenUnknown (no such token, or the hash differs),
 // ErrTokenRevoked, ErrTokenExpired or ErrTokenUsed, checked in that order, and
 // nothing is written. A node.EnrollKey that enrolled a node before is
-// control.ErrKeyEnrolled.
-//
-// sign, when not nil, makes the node's certificate and fills in its
-// CertSerial and CertNotAfter. It is called inside the transaction, after
-// the claim and the key check have succeeded, so an enrollment that is
-// refused, or loses a race for the token's last use, signs nothing. If it
-// fails, nothing is written.
+// control.ErrKeyEnrolled (a unique index makes sure), and nothing is written.
 //
 // The node row takes node's ID, Name, Labels, EnrollKey, CertSerial and
 // CertNotAfter; Status defaults to control.StatusEnrolled; TokenID is
 // tokenID and EnrolledAt is now. The node needs an ID, a serial and a
 // not-after (control.ErrInvalidArgument otherwise).
-func (s *Store) EnrollNode(ctx context.Context, tokenID string, secretHash []byte, now time.Time, node control.Node, sign func(*control.Node) error) error {
-	err := s.write(ctx, func(tx *sql.Tx) error { return enrollNodeTx(ctx, tx, tokenID, secretHash, now, node, sign) })
+func (s *Store) EnrollNode(ctx context.Context, tokenID string, secretHash []byte, now time.Time, node control.Node) error {
+	err := s.write(ctx, func(tx *sql.Tx) error { return enrollNodeTx(ctx, tx, tokenID, secretHash, now, node) })
 	if err != nil {
 		return fmt.Errorf("enroll node: %w", err)
 	}
 	return nil
 }
 
-func enrollNodeTx(ctx context.Context, tx *sql.Tx, tokenID string, secretHash []byte, now time.Time, node control.Node, sign func(*control.Node) error) error {
-	if node.ID == "" || now.IsZero() {
-		return fmt.Errorf("node needs an ID, and a time: %w", control.ErrInvalidArgument)
+func enrollNodeTx(ctx context.Context, tx *sql.Tx, tokenID string, secretHash []byte, now time.Time, node control.Node) error {
+	if node.ID == "" || node.CertSerial == "" || node.CertNotAfter.IsZero() || now.IsZero() {
+		return fmt.Errorf("node needs an ID, a certificate serial and not-after, and a time: %w", control.ErrInvalidArgument)
 	}
 	// The claim: a single conditional UPDATE, so concurrent enrollments can
 	// never use a token more than max_uses times.
@@ -67,14 +61,6 @@ func enrollNodeTx(ctx context.Context, tx *sql.Tx, tokenID string, secretHash []
 		case !errors.Is(err, sql.ErrNoRows):
 			return err
 		}
-	}
-	if sign != nil {
-		if err := sign(&node); err != nil {
-			return err
-		}
-	}
-	if node.CertSerial == "" || node.CertNotAfter.IsZero() {
-		return fmt.Errorf("node needs a certificate serial and not-after: %w", control.ErrInvalidArgument)
 	}
 	if node.Status == "" {
 		node.Status = control.StatusEnrolled

@@ -89,7 +89,7 @@ func mustEnroll(tb testing.TB, s *store.Store, node control.Node) {
 	tb.Helper()
 	tok := newToken("tok-"+node.ID, 1)
 	mustCreateToken(tb, s, tok)
-	if err := s.EnrollNode(context.Background(), tok.ID, tok.SecretHash, t0.Add(time.Minute), node, nil); err != nil {
+	if err := s.EnrollNode(context.Background(), tok.ID, tok.SecretHash, t0.Add(time.Minute), node); err != nil {
 		tb.Fatal(err)
 	}
 }
@@ -285,10 +285,10 @@ func TestMigrations(t *testing.T) {
 			t.Errorf("migrated events:\n got %+v\nwant %+v", moves, want)
 		}
 		// The token's second use still works after the migration.
-		if err := s.EnrollNode(t.Context(), "old", hash("secret-old"), t0, newNode("n-new"), nil); err != nil {
+		if err := s.EnrollNode(t.Context(), "old", hash("secret-old"), t0, newNode("n-new")); err != nil {
 			t.Fatal(err)
 		}
-		err = s.EnrollNode(t.Context(), "old", hash("secret-old"), t0, newNode("n-third"), nil)
+		err = s.EnrollNode(t.Context(), "old", hash("secret-old"), t0, newNode("n-third"))
 		wantErr(t, err, control.ErrTokenUsed)
 		if err := s.IntegrityCheck(t.Context()); err != nil {
 			t.Error(err)
@@ -364,7 +364,7 @@ func TestEnrollNode(t *testing.T) {
 	mustCreateToken(t, s, tok)
 	now := t0.Add(time.Minute)
 	node := newNode("n1")
-	if err := s.EnrollNode(ctx, tok.ID, tok.SecretHash, now, node, nil); err != nil {
+	if err := s.EnrollNode(ctx, tok.ID, tok.SecretHash, now, node); err != nil {
 		t.Fatal(err)
 	}
 
@@ -387,7 +387,7 @@ func TestEnrollNode(t *testing.T) {
 		t.Errorf("Uses = %d, want 1", got.Uses)
 	}
 
-	err = s.EnrollNode(ctx, tok.ID, tok.SecretHash, now, newNode("n2"), nil)
+	err = s.EnrollNode(ctx, tok.ID, tok.SecretHash, now, newNode("n2"))
 	wantErr(t, err, control.ErrTokenUsed)
 }
 
@@ -400,7 +400,7 @@ func TestEnrollNodeRejects(t *testing.T) {
 		}
 	}
 	useUp := func(tb testing.TB, s *store.Store) {
-		if err := s.EnrollNode(context.Background(), tok.ID, tok.SecretHash, ok, newNode("other"), nil); err != nil {
+		if err := s.EnrollNode(context.Background(), tok.ID, tok.SecretHash, ok, newNode("other")); err != nil {
 			tb.Fatal(err)
 		}
 	}
@@ -464,7 +464,7 @@ func TestEnrollNodeRejects(t *testing.T) {
 			}
 			eventsBefore := mustListEvents(t, s, "")
 
-			err = s.EnrollNode(ctx, tt.tokenID, tt.hash, tt.now, node, nil)
+			err = s.EnrollNode(ctx, tt.tokenID, tt.hash, tt.now, node)
 			if tt.want == nil && err == nil {
 				t.Fatal("EnrollNode succeeded")
 			}
@@ -521,7 +521,7 @@ func TestEnrollNodeConcurrent(t *testing.T) {
 			for i := range tt.goroutines {
 				wg.Go(func() {
 					s := stores[i%len(stores)]
-					errs[i] = s.EnrollNode(t.Context(), tok.ID, tok.SecretHash, t0.Add(time.Minute), newNode(fmt.Sprint("n", i)), nil)
+					errs[i] = s.EnrollNode(t.Context(), tok.ID, tok.SecretHash, t0.Add(time.Minute), newNode(fmt.Sprint("n", i)))
 				})
 			}
 			wg.Wait()
@@ -781,47 +781,34 @@ func BenchmarkEnrollNode(b *testing.B) {
 		if err := s.CreateToken(ctx, tok); err != nil {
 			b.Fatal(err)
 		}
-		if err := s.EnrollNode(ctx, tok.ID, tok.SecretHash, t0.Add(time.Minute), newNode(fmt.Sprint("n", i)), nil); err != nil {
+		if err := s.EnrollNode(ctx, tok.ID, tok.SecretHash, t0.Add(time.Minute), newNode(fmt.Sprint("n", i))); err != nil {
 			b.Fatal(err)
 		}
 	}
 }
 
-// Signing happens inside the claim: a refused claim never signs, and a
-// failed signature writes nothing and spends no use.
-func TestEnrollNodeSignsInsideTheClaim(t *testing.T) {
+// No public key enrolls twice, whatever the token: the second is refused
+// and writes nothing, not even a use of its token.
+func TestEnrollNodeKeyOnce(t *testing.T) {
 	ctx := t.Context()
 	s := newStore(t)
 	mustCreateToken(t, s, newToken("tok", 2))
-	signed := 0
-	sign := func(n *control.Node) error {
-		signed++
-		n.CertSerial, n.CertNotAfter = "0a", t0.Add(24*time.Hour)
-		return nil
-	}
-	node := control.Node{ID: "n1", EnrollKey: hash("key-1")}
-	err := s.EnrollNode(ctx, "tok", hash("wrong"), t0, node, sign)
-	wantErr(t, err, control.ErrTokenUnknown)
-	if signed != 0 {
-		t.Fatal("a refused claim signed")
-	}
-	failing := func(*control.Node) error { return errors.New("HSM unplugged") }
-	if err := s.EnrollNode(ctx, "tok", hash("secret-tok"), t0, node, failing); err == nil {
-		t.Fatal("a failed signature enrolled")
-	}
-	if tok, _ := s.GetToken(ctx, "tok"); tok.Uses != 0 {
-		t.Fatalf("a failed signature spent a use: %d", tok.Uses)
-	}
-	if err := s.EnrollNode(ctx, "tok", hash("secret-tok"), t0, node, sign); err != nil {
+	mustCreateToken(t, s, newToken("other", 1))
+	node := newNode("n1")
+	node.EnrollKey = hash("key-1")
+	if err := s.EnrollNode(ctx, "tok", hash("secret-tok"), t0, node); err != nil {
 		t.Fatal(err)
 	}
-	if n := mustGetNode(t, s, "n1"); n.CertSerial != "0a" || string(n.EnrollKey) != string(hash("key-1")) {
-		t.Errorf("enrolled node %+v", n)
+	if n := mustGetNode(t, s, "n1"); string(n.EnrollKey) != string(hash("key-1")) {
+		t.Errorf("enroll key %x not kept", n.EnrollKey)
 	}
-	node.ID = "n2"
-	err = s.EnrollNode(ctx, "tok", hash("secret-tok"), t0, node, sign)
-	wantErr(t, err, control.ErrKeyEnrolled)
-	if signed != 1 {
-		t.Errorf("%d signatures, want 1", signed)
+	for _, tok := range []string{"tok", "other"} {
+		again := newNode("n2-" + tok)
+		again.EnrollKey = hash("key-1")
+		err := s.EnrollNode(ctx, tok, hash("secret-"+tok), t0, again)
+		wantErr(t, err, control.ErrKeyEnrolled)
+		if got, _ := s.GetToken(ctx, tok); got.Uses != map[string]int{"tok": 1, "other": 0}[tok] {
+			t.Errorf("token %s: %d uses after a refused key", tok, got.Uses)
+		}
 	}
 }
