@@ -122,6 +122,26 @@ func (k *Keyed) wait(b *bucket) time.Duration {
 	return time.Duration((1 - b.tokens) / k.limit.Rate * float64(time.Second))
 }
 
+// Prune forgets the buckets that have refilled: a fresh one is the same, so
+// a quiet key (a node whose sessions are long-lived) costs nothing.
+func (k *Keyed) Prune() {
+	if k == nil || k.limit.Rate <= 0 {
+		return
+	}
+	now := k.clock.Now()
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for key, b := range k.buckets {
+		if k.full(b, now) {
+			delete(k.buckets, key)
+		}
+	}
+}
+
+func (k *Keyed) full(b *bucket, now time.Time) bool {
+	return b.tokens+now.Sub(b.last).Seconds()*k.limit.Rate >= k.burst()
+}
+
 // makeRoom keeps the map under maxKeys: buckets that have refilled are
 // forgotten (a fresh one is the same), and if every bucket is still in use
 // (many keys at once), random ones go: a key that comes back starts full,
@@ -131,7 +151,7 @@ func (k *Keyed) makeRoom(now time.Time) {
 		return
 	}
 	for key, b := range k.buckets {
-		if b.tokens+now.Sub(b.last).Seconds()*k.limit.Rate >= k.burst() {
+		if k.full(b, now) {
 			delete(k.buckets, key)
 		}
 	}

@@ -136,3 +136,22 @@ func TestLogLimited(t *testing.T) {
 		t.Errorf("the next line does not count the 995 left out: %s", last)
 	}
 }
+
+func TestPrune(t *testing.T) {
+	clk := clock.NewFake(t0)
+	k := ratelimit.NewKeyed(ratelimit.Every(time.Second, 2), 0, clk)
+	k.Allow("quiet")
+	k.Allow("busy")
+	k.Allow("busy")
+	clk.Advance(time.Second) // quiet is full again, busy has one of two
+	k.Prune()
+	if n := k.Len(); n != 1 {
+		t.Fatalf("%d buckets after pruning, want only the one not refilled", n)
+	}
+	if ok, _ := k.Allow("busy"); !ok {
+		t.Error("pruning lost a bucket's tokens")
+	}
+	if ok, _ := k.Allow("busy"); ok {
+		t.Error("pruning refilled a bucket in use")
+	}
+}

@@ -160,6 +160,7 @@ func (p *publicPort) authenticated(cc *countedConn) {
 	if cc.unauth && !cc.closed {
 		cc.unauth = false
 		p.releaseUnauth(cc.addr)
+		cc.addr = "" // not needed again; an edge's connection holds no more than it must
 	}
 }
 

@@ -75,8 +75,9 @@ type Server struct {
 	// limitsNote says why the limits differ from those configured (the file
 	// limit), for the start's log.
 	limitsNote string
-	failures   *ratelimit.Keyed // refused credentials per source address
-	refusals   *ratelimit.Log   // refused credentials and connections, logged without flooding
+	failures   *ratelimit.Keyed   // refused credentials per source address
+	limiters   []*ratelimit.Keyed // every rate limit's buckets, pruned every minute
+	refusals   *ratelimit.Log     // refused credentials and connections, logged without flooding
 }
 
 // New opens the data directory (creating the store and the CA on first
@@ -100,7 +101,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		heartbeat = registry.DefaultHeartbeatInterval
 	}
 	s.limits, s.limitsNote = cfg.Limits.withDefaults(heartbeat)
-	s.failures = ratelimit.NewKeyed(s.limits.AuthFailures, 0, cfg.Clock)
+	s.failures = s.limiter(s.limits.AuthFailures)
 	s.refusals = ratelimit.NewLog(cfg.Logger.With("component", "security"), ratelimit.Limit{}, cfg.Clock)
 	if err := s.open(ctx); err != nil {
 		s.Close()
@@ -273,10 +274,10 @@ func (s *Server) handler() http.Handler {
 		ControlURL:      cfg.advertiseURL(s.public.Addr()),
 		Version:         cfg.Version,
 		RegisterTimeout: cfg.RegisterTimeout,
-		EnrollPerAddr:   ratelimit.NewKeyed(s.limits.Enroll, 0, cfg.Clock),
+		EnrollPerAddr:   s.limiter(s.limits.Enroll),
 		Failures:        s.failures,
-		NodeSessions:    ratelimit.NewKeyed(s.limits.NodeSessions, 0, cfg.Clock),
-		NodeRenewals:    ratelimit.NewKeyed(s.limits.NodeRenewals, 0, cfg.Clock),
+		NodeSessions:    s.limiter(s.limits.NodeSessions),
+		NodeRenewals:    s.limiter(s.limits.NodeRenewals),
 		Refusals:        s.refusals,
 		Clock:           cfg.Clock,
 		Logger:          cfg.Logger.With("component", "api"),
@@ -403,6 +404,7 @@ func (s *Server) Run(ctx context.Context) error {
 	defer func() { stopHelpers(); helpers.Wait() }()
 	helpers.Go(func() { s.rotateTicketKeys(helpersCtx) })
 	helpers.Go(func() { s.pruneEvents(helpersCtx) })
+	helpers.Go(func() { s.pruneLimits(helpersCtx) })
 	if s.cfg.TuneGC {
 		helpers.Go(func() { newGCTuner(s.port.handshakes.Load, s.log).run(helpersCtx) })
 	}
@@ -447,9 +449,31 @@ func (s *Server) rotateTicketKeys(ctx context.Context) {
 	}
 }
 
+// limiter makes a rate limit's buckets, pruned with the others.
+func (s *Server) limiter(l ratelimit.Limit) *ratelimit.Keyed {
+	k := ratelimit.NewKeyed(l, 0, s.cfg.Clock)
+	s.limiters = append(s.limiters, k)
+	return k
+}
+
 // Conns reports the public port's open connections and, of them, those in
 // their handshake or without a client certificate.
 func (s *Server) Conns() (all, unauthenticated int) { return s.port.connCounts() }
+
+// pruneLimits forgets refilled rate-limit buckets every minute, so that a
+// steady fleet holds none (one per node would cost 100 bytes a session).
+func (s *Server) pruneLimits(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.cfg.Clock.After(time.Minute):
+		}
+		for _, k := range s.limiters {
+			k.Prune()
+		}
+	}
+}
 
 // PruneInterval is how often the event log is held to its retention.
 const PruneInterval = 10 * time.Minute
