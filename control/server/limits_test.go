@@ -717,7 +717,9 @@ func renewOnce(tb testing.TB, id state.Identity) error {
 // and costs the event log a bounded number of rows.
 func TestReconnectingNodeBounded(t *testing.T) {
 	srv := servertest.Start(t, func(c *server.Config) {
-		c.RegistrationRate, c.RegistrationBurst = 20, 5 // a small shared budget, easy to use up
+		// A small shared budget, easy to use up, but more than one node's
+		// own burst (10), as the defaults are (100 against 10).
+		c.RegistrationRate, c.RegistrationBurst = 20, 20
 	})
 	flapper, other := rawNode(t, srv), rawNode(t, srv)
 	stop := make(chan struct{})
